@@ -1,0 +1,1 @@
+"""tapbox: a rootless user-space firewall sandbox."""
