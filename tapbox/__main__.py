@@ -1,0 +1,5 @@
+import sys
+
+from tapbox.cli import main
+
+sys.exit(main())

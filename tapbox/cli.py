@@ -1,0 +1,73 @@
+"""`tapbox [options] -- CMD [ARGS...]`: parse the command line, then hand over to `runner`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from tapbox.errors import SetupError
+
+EXIT_TAPBOX_FAILED = 125
+
+USAGE = "tapbox [-F FILE]... [--allow RULE]... [options] -- CMD [ARGS...]"
+EPILOG = """\
+Rules (one per line in a file): example.com, *.example.com, 192.0.2.10, 198.51.100.0/24,
+[2001:db8::1], each optionally with :PORT or :LOW-HIGH. Nothing is allowed unless a rule
+says so. Exit status: CMD's own; 128+N if CMD died of signal N; 125 if tapbox failed;
+126/127 if CMD could not be run / was not found.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tapbox", usage=USAGE, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run a command with only the network its allowlist admits.")
+    parser.add_argument("-F", "--file", dest="files", action="append", default=[],
+                        metavar="FILE", help="allowlist file (may repeat; rules merge)")
+    parser.add_argument("--allow", dest="rules", action="append", default=[], metavar="RULE",
+                        help="one allowlist rule (may repeat)")
+    parser.add_argument("--dns-upstream", action="append", default=[], metavar="ADDR[:PORT]",
+                        help="DNS server to resolve allowed names with (default: the host's "
+                             "resolv.conf)")
+    parser.add_argument("--mtu", type=int, default=65520, help="MTU of tap0 (default 65520)")
+    parser.add_argument("--root", action="store_true",
+                        help="run CMD as uid/gid 0 inside the sandbox (fakeroot)")
+    parser.add_argument("-n", "--no-network", action="store_true",
+                        help="no network at all: CMD gets only a loopback interface")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="report every connection and DNS decision on stderr")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        parser.error("no command given (usage: " + USAGE + ")")
+    if not 576 <= args.mtu <= 65520:
+        parser.error(f"--mtu {args.mtu}: must be between 576 and 65520")
+    args.command = command
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:  # argparse: usage errors are tapbox's own failure
+        code = exc.code if isinstance(exc.code, int) else EXIT_TAPBOX_FAILED
+        return EXIT_TAPBOX_FAILED if code == 2 else code
+    from tapbox.runner import run
+
+    try:
+        status = run(args)
+    except SetupError as exc:
+        text = str(exc)
+        print(text if text.startswith("tapbox:") else f"tapbox: {text}", file=sys.stderr)
+        status = EXIT_TAPBOX_FAILED
+    return status

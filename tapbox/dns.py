@@ -1,0 +1,607 @@
+"""DNS for the sandbox: a policy-checking forwarder.
+
+Theory of operation
+-------------------
+The sandbox's resolv.conf names 10.0.2.3; the netstack hands every DNS message sent there (UDP
+datagrams, or TCP streams split by :class:`TcpDnsFramer`) to :meth:`DnsForwarder.answer`, which
+returns the wire-format reply.  Nothing the sandbox sends is forwarded as is: the query is parsed,
+judged, and a fresh query is built for the upstream resolver.
+
+1. Parse (RFC 1035 §4.1).  Unparseable header -> drop (``None``); header parses but the body
+   does not -> FORMERR.  Only a standard QUERY (opcode 0, RFC 1035 §4.1.1) of class IN with
+   exactly one question is served; other opcodes get NOTIMP, other shapes FORMERR, EDNS versions
+   above 0 BADVERS (RFC 6891 §6.1.3), zone transfers and non-IN classes REFUSED.
+2. Judge the question name (never an address): ``policy.name_allowed(name)``.  Names are passed
+   lowercased, without the final dot.  A label holding anything but letters, digits, ``-`` and
+   ``_`` is denied outright, so that an escaped dot inside a label (``a\\.example.com``) can never
+   look like a subdomain to a suffix match.  Denied -> NXDOMAIN (RFC 1035 §4.1.1 RCODE 3) and
+   nothing is sent upstream.
+3. Allowed -> a new query (random id, same name/type, RD/CD/DO copied, EDNS0 with a 1232-byte
+   payload) goes to the upstreams in order over UDP, and again over TCP (RFC 7766 §5) to the same
+   upstream when the UDP answer has TC set.  The exchange uses trio sockets directly (dnspython
+   builds and parses the messages; its trio backend needs a newer trio than tapbox supports).
+   ``timeout`` bounds the whole call: each upstream gets an equal share of the time left.
+   All fail -> SERVFAIL.
+4. From the upstream answer, the CNAME chain is followed from the asked name (RFC 1034 §3.6.2,
+   §4.3.2; at most 16 hops, loop-safe) and the A/AAAA records owned by the name at its end are
+   handed to ``policy.learn`` under the *asked* name's rules.  Addresses the policy refuses
+   (rebinding guard) are deleted from the reply, so the sandbox never sees an address it could
+   not use; if none are left the reply is NOERROR with no address records (NODATA, RFC 2308
+   §2.2), not NXDOMAIN: the name exists, it just has nothing the sandbox may reach.  When the
+   chain ends without addresses in the answer, the final name is *not* resolved again.
+5. The reply is built from the sandbox's own query (its id, its question, its EDNS state) and
+   the upstream's sections and RCODE, then sized for the transport: 512 bytes, or the client's
+   EDNS payload size, over UDP (RFC 1035 §4.2.1, RFC 6891 §6.2.5); 65535 over TCP
+   (RFC 1035 §4.2.2).  What does not fit is cut and TC is set, so the client retries over TCP.
+
+With ``aaaa=False`` (no IPv6 on the host) AAAA questions for allowed names get NOERROR with no
+records at once, without asking upstream, and AAAA records are dropped from ANY answers.
+
+Upstream work is bounded: at most ``max_concurrent`` queries are in flight, at most as many more
+wait for a slot; beyond that, and past the deadline, the answer is SERVFAIL.  answer() never
+raises for anything the sandbox or an upstream sends.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+import trio
+
+__all__ = [
+    "DnsEvent",
+    "DnsForwarder",
+    "TcpDnsFramer",
+    "parse_upstream",
+    "upstreams_from_resolv_conf",
+]
+
+log = logging.getLogger(__name__)
+
+DNS_PORT = 53
+# EDNS0 payload size we advertise (DNS flag day 2020: fits any path MTU without fragmentation).
+EDNS_PAYLOAD = 1232
+# RFC 1035 §4.2.1: UDP messages are limited to 512 bytes unless EDNS (RFC 6891) says more.
+UDP_CLASSIC_MAX = 512
+# RFC 1035 §4.2.2: TCP messages carry a 16-bit length, so at most 65535 bytes.
+TCP_MAX = 65535
+# How far a CNAME chain is followed (RFC 1034 §3.6.2 says chains should not exist at all...).
+MAX_CNAME_HOPS = 16
+# RFC 1035 §4.1.1: the header is 12 bytes.
+HEADER_LEN = 12
+
+_QR = 0x8000
+_OPCODE_MASK = 0x7800
+_RD = 0x0100
+_RA = 0x0080
+
+_LABEL_OK = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+_ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
+# Upstream RCODEs after which the next upstream is tried instead.
+_RETRY_RCODES = frozenset(
+    {dns.rcode.SERVFAIL, dns.rcode.REFUSED, dns.rcode.NOTIMP, dns.rcode.FORMERR}
+)
+
+
+class _Rule(Protocol):
+    text: str
+
+
+class _Policy(Protocol):
+    def name_allowed(self, name: str) -> Sequence[_Rule]: ...
+
+    def learn(
+        self,
+        name: str,
+        rules: Sequence[_Rule],
+        addresses: Iterable[tuple[str, float]],
+        now: float,
+    ) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class DnsEvent:
+    """One per answered query, for audit and logging by the caller."""
+
+    name: str  # asked name, lowercased, no final dot ("" if the query had no usable question)
+    qtype: str  # e.g. "A", "AAAA", "TXT" ("" if unknown)
+    verdict: Literal["allowed", "denied", "error"]
+    rule: str | None  # text of the first rule admitting the name
+    answers: tuple[str, ...] = ()  # addresses (A/AAAA) admitted to the policy and returned
+    guarded: tuple[str, ...] = ()  # addresses refused by the rebinding guard and removed
+
+
+class _UpstreamFailed(Exception):
+    pass
+
+
+class DnsForwarder:
+    """Answers the sandbox's DNS queries: policy check, upstream resolution, address learning."""
+
+    def __init__(
+        self,
+        policy: _Policy,
+        upstreams: Sequence[tuple[str, int]],
+        *,
+        clock: Callable[[], float] = trio.current_time,
+        timeout: float = 5.0,
+        on_event: Callable[[DnsEvent], None] | None = None,
+        aaaa: bool = True,
+        max_concurrent: int = 64,
+    ) -> None:
+        self.policy = policy
+        self.upstreams = list(upstreams)
+        self.clock = clock
+        self.timeout = timeout
+        self.on_event = on_event
+        self.aaaa = aaaa
+        self._limiter = trio.CapacityLimiter(max_concurrent)
+        self._max_waiting = max_concurrent
+
+    # ----------------------------------------------------------------------------- entry point
+
+    async def answer(self, query: bytes, *, tcp: bool = False) -> bytes | None:
+        """Answer one DNS message from the sandbox (wire format) with a wire-format reply.
+
+        ``tcp=True`` when the query came over TCP: the reply may then use up to 65535 bytes;
+        otherwise it is cut to the client's UDP limit with TC set.  Returns ``None`` when the
+        message is not a query whose header can be read: the caller drops it.
+        """
+        if len(query) < HEADER_LEN:
+            return None
+        qid, qflags = struct.unpack_from("!HH", query)
+        if qflags & _QR:
+            return None  # a response, not a query: never answer those (no reflection loops)
+        try:
+            msg = dns.message.from_wire(query)
+        except Exception:
+            self._emit(DnsEvent("", "", "error", None))
+            return _header_only(qid, qflags, dns.rcode.FORMERR)
+        try:
+            return await self._answer_message(msg, tcp)
+        except Exception:
+            log.exception("DNS: internal error answering query %d", qid)
+            self._emit(DnsEvent(*_describe(msg), "error", None))
+            try:
+                return _render(_reply(msg, dns.rcode.SERVFAIL), self._size_limit(msg, tcp))
+            except Exception:
+                return _header_only(qid, qflags, dns.rcode.SERVFAIL)
+
+    async def _answer_message(self, query: dns.message.Message, tcp: bool) -> bytes:
+        limit = self._size_limit(query, tcp)
+        if query.opcode() != dns.opcode.QUERY:
+            self._emit(DnsEvent(*_describe(query), "error", None))
+            return _render(_reply(query, dns.rcode.NOTIMP), limit)
+        if query.edns > 0:
+            self._emit(DnsEvent(*_describe(query), "error", None))
+            return _render(_reply(query, dns.rcode.BADVERS), limit)
+        if len(query.question) != 1:
+            self._emit(DnsEvent("", "", "error", None))
+            return _render(_reply(query, dns.rcode.FORMERR), limit)
+
+        question = query.question[0]
+        qname: dns.name.Name = question.name
+        qtype = dns.rdatatype.to_text(question.rdtype)
+        name = _policy_name(qname)
+        shown = name if name is not None else qname.to_text(omit_final_dot=True).lower()
+
+        if question.rdclass != dns.rdataclass.IN or question.rdtype in (
+            dns.rdatatype.AXFR,
+            dns.rdatatype.IXFR,
+        ):
+            self._emit(DnsEvent(shown, qtype, "denied", None))
+            return _render(_reply(query, dns.rcode.REFUSED), limit)
+
+        rules = list(self.policy.name_allowed(name)) if name is not None else []
+        if name is None or not rules:
+            self._emit(DnsEvent(shown, qtype, "denied", None))
+            return _render(_reply(query, dns.rcode.NXDOMAIN), limit)
+        rule_text = rules[0].text
+
+        if question.rdtype == dns.rdatatype.AAAA and not self.aaaa:
+            self._emit(DnsEvent(name, qtype, "allowed", rule_text))
+            return _render(_reply(query, dns.rcode.NOERROR), limit)
+
+        try:
+            upstream = await self._resolve(query, qname, question.rdtype)
+        except _UpstreamFailed:
+            self._emit(DnsEvent(name, qtype, "error", rule_text))
+            return _render(_reply(query, dns.rcode.SERVFAIL), limit)
+
+        rcode = upstream.rcode()
+        if rcode > 0xF and query.edns < 0:
+            # An extended RCODE cannot be expressed to a client without EDNS.
+            self._emit(DnsEvent(name, qtype, "error", rule_text))
+            return _render(_reply(query, dns.rcode.SERVFAIL), limit)
+
+        answer_rrsets = list(upstream.answer)
+        if not self.aaaa:
+            answer_rrsets = [r for r in answer_rrsets if r.rdtype != dns.rdatatype.AAAA]
+        final = _follow_cnames(qname, answer_rrsets)
+        found: list[tuple[str, float]] = []
+        for rrset in answer_rrsets:
+            if (
+                rrset.name == final
+                and rrset.rdtype in _ADDRESS_TYPES
+                and (rrset.rdclass == dns.rdataclass.IN)
+            ):
+                found.extend((rd.address, float(rrset.ttl)) for rd in rrset)
+
+        refused: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+        if found:
+            refused_text = self.policy.learn(name, rules, found, now=self.clock())
+            refused = {ip for a in refused_text if (ip := _ip(a)) is not None}
+        admitted = tuple(dict.fromkeys(a for a, _ in found if _ip(a) not in refused))
+        guarded = tuple(dict.fromkeys(a for a, _ in found if _ip(a) in refused))
+        modified = bool(guarded) or len(answer_rrsets) != len(upstream.answer)
+        if guarded:
+            answer_rrsets = _strip_addresses(answer_rrsets, final, refused)
+
+        reply = _reply(query, rcode)
+        reply.answer = answer_rrsets
+        reply.authority = list(upstream.authority)
+        reply.additional = list(upstream.additional)
+        # RFC 6840 §5.8: AD only to clients that asked for DNSSEC-awareness, and not once we
+        # have edited the answer.
+        wants_ad = bool(query.flags & dns.flags.AD) or bool(query.ednsflags & dns.flags.DO)
+        if upstream.flags & dns.flags.AD and wants_ad and not modified:
+            reply.flags |= dns.flags.AD
+        self._emit(DnsEvent(name, qtype, "allowed", rule_text, admitted, guarded))
+        return _render(reply, limit)
+
+    # -------------------------------------------------------------------------------- upstream
+
+    async def _resolve(
+        self, client: dns.message.Message, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType
+    ) -> dns.message.Message:
+        """Ask the upstreams in order; return the first usable response or raise."""
+        if not self.upstreams:
+            raise _UpstreamFailed("no upstream")
+        deadline = trio.current_time() + self.timeout
+        with trio.move_on_at(deadline):
+            try:
+                self._limiter.acquire_nowait()
+            except trio.WouldBlock:
+                if self._limiter.statistics().tasks_waiting >= self._max_waiting:
+                    raise _UpstreamFailed("too many queries in flight") from None
+                await self._limiter.acquire()
+            try:
+                return await self._try_upstreams(client, qname, rdtype, deadline)
+            finally:
+                self._limiter.release()
+        raise _UpstreamFailed("timeout")
+
+    async def _try_upstreams(
+        self,
+        client: dns.message.Message,
+        qname: dns.name.Name,
+        rdtype: dns.rdatatype.RdataType,
+        deadline: float,
+    ) -> dns.message.Message:
+        want_dnssec = bool(client.ednsflags & dns.flags.DO)
+        for i, (host, port) in enumerate(self.upstreams):
+            share = (deadline - trio.current_time()) / (len(self.upstreams) - i)
+            if share <= 0:
+                break
+            q = dns.message.make_query(
+                qname,
+                rdtype,
+                dns.rdataclass.IN,
+                use_edns=0,
+                payload=EDNS_PAYLOAD,
+                want_dnssec=want_dnssec,
+            )
+            q.flags = dns.flags.Flag(client.flags & (dns.flags.RD | dns.flags.CD))
+            with trio.move_on_after(share):
+                try:
+                    r = await _exchange_udp(q, host, port)
+                    if r is None or r.flags & dns.flags.TC:
+                        r = await _exchange_tcp(q, host, port)
+                except Exception as exc:  # OSError, bad wire data from the upstream
+                    log.debug("DNS upstream %s:%d failed: %r", host, port, exc)
+                    continue
+                if r.rcode() in _RETRY_RCODES:
+                    log.debug(
+                        "DNS upstream %s:%d answered %s", host, port, dns.rcode.to_text(r.rcode())
+                    )
+                    continue
+                return r
+            log.debug("DNS upstream %s:%d timed out", host, port)
+        raise _UpstreamFailed("all upstreams failed")
+
+    # ------------------------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _size_limit(query: dns.message.Message, tcp: bool) -> int:
+        if tcp:
+            return TCP_MAX
+        if query.edns >= 0:
+            return max(UDP_CLASSIC_MAX, min(query.payload, TCP_MAX))
+        return UDP_CLASSIC_MAX
+
+    def _emit(self, event: DnsEvent) -> None:
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(event)
+        except Exception:
+            log.exception("DNS: on_event callback failed")
+
+
+def _describe(msg: dns.message.Message) -> tuple[str, str]:
+    """(name, qtype) of a message's first question, for events; ("", "") if it has none."""
+    if not msg.question:
+        return "", ""
+    q = msg.question[0]
+    return q.name.to_text(omit_final_dot=True).lower(), dns.rdatatype.to_text(q.rdtype)
+
+
+def _policy_name(qname: dns.name.Name) -> str | None:
+    """The name as the policy sees it, or None if it can never be allowed."""
+    labels = [label for label in qname.labels if label]
+    if not labels:
+        return None
+    for label in labels:
+        if not _LABEL_OK.issuperset(label):
+            return None
+    return b".".join(labels).decode("ascii").lower()
+
+
+def _follow_cnames(qname: dns.name.Name, rrsets: Sequence[dns.rrset.RRset]) -> dns.name.Name:
+    """The name at the end of the CNAME chain starting at qname (RFC 1034 §4.3.2 step 3a)."""
+    cnames = {
+        r.name: r
+        for r in rrsets
+        if r.rdtype == dns.rdatatype.CNAME and r.rdclass == dns.rdataclass.IN and len(r) > 0
+    }
+    current = qname
+    seen = {current}
+    for _ in range(MAX_CNAME_HOPS):
+        rrset = cnames.get(current)
+        if rrset is None:
+            break
+        target = next(iter(rrset)).target
+        if target in seen:
+            break  # loop: stop at the last new name
+        seen.add(target)
+        current = target
+    return current
+
+
+def _strip_addresses(
+    rrsets: Sequence[dns.rrset.RRset],
+    owner: dns.name.Name,
+    refused: set[ipaddress.IPv4Address | ipaddress.IPv6Address],
+) -> list[dns.rrset.RRset]:
+    out: list[dns.rrset.RRset] = []
+    for rrset in rrsets:
+        if rrset.name == owner and rrset.rdtype in _ADDRESS_TYPES:
+            kept = [rd for rd in rrset if _ip(rd.address) not in refused]
+            if not kept:
+                continue
+            if len(kept) != len(rrset):
+                rrset = dns.rrset.from_rdata_list(rrset.name, rrset.ttl, kept)
+        out.append(rrset)
+    return out
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _reply(query: dns.message.Message, rcode: dns.rcode.Rcode) -> dns.message.Message:
+    """An empty reply to `query`: its id and question, RA set, EDNS iff the client used it."""
+    reply = dns.message.make_response(query, recursion_available=True, our_payload=EDNS_PAYLOAD)
+    if query.edns >= 0 and query.ednsflags & dns.flags.DO:
+        reply.ednsflags |= dns.flags.DO  # RFC 3225 §3: echo DO
+    reply.set_rcode(rcode)
+    return reply
+
+
+def _render(reply: dns.message.Message, limit: int) -> bytes:
+    return reply.to_wire(max_size=limit, prefer_truncation=True)
+
+
+def _header_only(qid: int, qflags: int, rcode: int) -> bytes:
+    """A bare reply header (no sections) for when the query cannot be parsed further."""
+    flags = _QR | (qflags & (_OPCODE_MASK | _RD)) | _RA | (rcode & 0xF)
+    return struct.pack("!6H", qid, flags, 0, 0, 0, 0)
+
+
+# ---------------------------------------------------------------------------------- transport
+# The exchange with an upstream is done here on trio sockets, with dnspython only building and
+# parsing messages: dnspython's own trio backend requires a newer trio than tapbox does.
+# Timeouts come from the caller's cancel scope.
+
+
+class _BadUpstreamReply(Exception):
+    pass
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _check_reply(q: dns.message.Message, wire: bytes) -> dns.message.Message | None:
+    """Parse an upstream reply to `q`.
+
+    None: the reply was truncated so badly that dnspython would not parse it (go to TCP).
+    Raises _BadUpstreamReply if the reply does not parse or does not answer `q`.
+    """
+    try:
+        r = dns.message.from_wire(wire)
+    except dns.message.Truncated:
+        return None
+    except Exception as exc:
+        raise _BadUpstreamReply(f"unparseable reply: {exc!r}") from exc
+    if not q.is_response(r):
+        raise _BadUpstreamReply("reply does not match the query")
+    return r
+
+
+async def _exchange_udp(q: dns.message.Message, host: str, port: int) -> dns.message.Message | None:
+    """One query over UDP (RFC 1035 §4.2.1) on a connected socket, so the kernel drops
+    datagrams from any other source.  Datagrams with another id, or that are not replies, are
+    ignored (RFC 5452 §9.1: stale or spoofed); a reply with our id that does not parse or match
+    the question fails this upstream."""
+    wire = q.to_wire()
+    with trio.socket.socket(_family(host), socket.SOCK_DGRAM) as sock:
+        await sock.connect((host, port))
+        await sock.send(wire)
+        while True:
+            data = await sock.recv(65535)
+            if len(data) < HEADER_LEN:
+                continue
+            rid, rflags = struct.unpack_from("!HH", data)
+            if rid != q.id or not rflags & _QR:
+                continue
+            return _check_reply(q, data)
+
+
+async def _exchange_tcp(q: dns.message.Message, host: str, port: int) -> dns.message.Message:
+    """One query over TCP (RFC 1035 §4.2.2, RFC 7766 §6.2: length-prefixed, one per connection
+    here)."""
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(TcpDnsFramer.frame(q.to_wire()))
+        framer = TcpDnsFramer()
+        while True:
+            chunk = await stream.receive_some(TCP_MAX + 2)
+            if not chunk:
+                raise _BadUpstreamReply("connection closed before the reply")
+            for message in framer.feed(chunk):
+                r = _check_reply(q, message)
+                if r is None:
+                    raise _BadUpstreamReply("truncated reply over TCP")
+                return r
+
+
+# ------------------------------------------------------------------------------ configuration
+
+
+def parse_upstream(text: str) -> tuple[str, int]:
+    """Parse "ADDR", "ADDR:PORT", "[V6]", "[V6]:PORT" or "V6" into (address, port).
+
+    Only IP addresses are accepted (resolving a host name for the resolver would need DNS).
+    """
+    s = text.strip()
+    if not s:
+        raise ValueError("empty DNS upstream")
+    port_text: str | None = None
+    if s.startswith("["):
+        end = s.find("]")
+        if end < 0:
+            raise ValueError(f"DNS upstream {text!r}: missing ']'")
+        addr, rest = s[1:end], s[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"DNS upstream {text!r}: expected ':PORT' after ']'")
+            port_text = rest[1:]
+        ip = _ip(addr)
+        if not isinstance(ip, ipaddress.IPv6Address):
+            raise ValueError(f"DNS upstream {text!r}: {addr!r} is not an IPv6 address")
+    elif s.count(":") == 1:
+        addr, port_text = s.split(":")
+        ip = _ip(addr)
+        if not isinstance(ip, ipaddress.IPv4Address):
+            raise ValueError(f"DNS upstream {text!r}: {addr!r} is not an IPv4 address")
+    else:
+        addr = s
+        ip = _ip(addr)
+        if ip is None:
+            raise ValueError(
+                f"DNS upstream {text!r} is not an IP address (use ADDR, ADDR:PORT, V6 or [V6]:PORT)"
+            )
+    port = DNS_PORT
+    if port_text is not None:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"DNS upstream {text!r}: port must be 1-65535")
+        port = int(port_text)
+    return str(ip), port
+
+
+def upstreams_from_resolv_conf(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    """The `nameserver` addresses of a resolv.conf, in order, each on port 53.
+
+    Entries that are not IP addresses are skipped; a missing file gives [] (the caller reports
+    that no upstream is known).  Loopback stubs such as 127.0.0.53 are kept: tapbox's resolver
+    runs in the host's network namespace, where they work.
+    """
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        return []
+    out: list[tuple[str, int]] = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 2 or fields[0] != "nameserver":
+            continue
+        ip = _ip(fields[1])
+        if ip is None:
+            continue
+        entry = (str(ip), DNS_PORT)
+        if entry not in out:
+            out.append(entry)
+    return out
+
+
+# ------------------------------------------------------------------------------ TCP framing
+
+
+class TcpDnsFramer:
+    """Splits a DNS-over-TCP byte stream into messages (RFC 1035 §4.2.2, RFC 7766 §8).
+
+    Each message is preceded by a two-byte big-endian length, so no message exceeds 65535 bytes
+    and the buffer never holds more than one partial message (65535 + 2 bytes) between calls.
+    Zero-length frames carry no message and are skipped.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add received bytes; return the messages they complete, in order."""
+        self._buf += data
+        out: list[bytes] = []
+        pos = 0
+        buf = self._buf
+        while len(buf) - pos >= 2:
+            (length,) = struct.unpack_from("!H", buf, pos)
+            if len(buf) - pos - 2 < length:
+                break
+            if length:
+                out.append(bytes(buf[pos + 2 : pos + 2 + length]))
+            pos += 2 + length
+        if pos:
+            del buf[:pos]
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes held for a message not yet complete."""
+        return len(self._buf)
+
+    @staticmethod
+    def frame(message: bytes) -> bytes:
+        """Prefix a message with its length; ValueError if it is longer than 65535 bytes."""
+        if len(message) > TCP_MAX:
+            raise ValueError(f"DNS message of {len(message)} bytes exceeds 65535")
+        return struct.pack("!H", len(message)) + message
