@@ -74,7 +74,7 @@ import stat
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -248,7 +248,7 @@ class Sandbox:
         assert self._sock is not None
         self._sock.settimeout(SETUP_TIMEOUT)
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(self._sock, 4096, 1, socket.MSG_CMSG_CLOEXEC)
+            msg, fds = _recv_with_fds(self._sock)
         except TimeoutError:
             raise SetupError(
                 f"tapbox: the sandbox process did not finish set-up within {SETUP_TIMEOUT:.0f} s: "
@@ -366,6 +366,23 @@ class Sandbox:
         self.close()
 
 
+def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One message and the fds passed with it, close-on-exec from the start.
+
+    Not socket.recv_fds(): Python 3.11's ignores its flags argument, so MSG_CMSG_CLOEXEC is lost.
+    """
+    size = struct.calcsize("i")
+    msg, ancdata, _flags, _addr = sock.recvmsg(
+        4096, socket.CMSG_SPACE(4 * size), socket.MSG_CMSG_CLOEXEC
+    )
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % size
+            fds.extend(struct.unpack(f"{usable // size}i", data[:usable]))
+    return msg, fds
+
+
 def _write_resolv_conf(content: str) -> str:
     """Write the sandbox's resolv.conf (0644) where the child (same kernel uid) can reach it."""
     candidates = [os.environ.get("XDG_RUNTIME_DIR", ""), tempfile.gettempdir(), "/tmp"]
@@ -465,10 +482,10 @@ def _set_up(
     libc: _Libc, config: SandboxConfig, uid: int, gid: int, resolv_path: str | None
 ) -> int | None:
     """Namespaces, id maps, mounts, links. Returns the TAP fd (None with network=False)."""
-    unprivileged = os.geteuid() != 0
+    host = _Host.collect()
     err = libc.unshare(CLONE_NEWUSER)
     if err:
-        raise _ChildFailure(_unshare_failure("user", err, unprivileged))
+        raise _ChildFailure(_unshare_failure("user", err, host))
     inner_uid, inner_gid = (0, 0) if config.root else (uid, gid)
     try:
         _write_proc("/proc/self/setgroups", "deny", missing_ok=True)
@@ -476,23 +493,21 @@ def _set_up(
         _write_proc("/proc/self/gid_map", f"{inner_gid} {gid} 1\n")
     except OSError as e:
         raise _ChildFailure(
-            _eperm_failure(f"writing the user namespace's id maps: {e.strerror}", unprivileged)
+            _eperm_failure(f"writing the user namespace's id maps: {e.strerror}", host)
         ) from e
     err = libc.unshare(CLONE_NEWNET | CLONE_NEWNS)
     if err:
-        raise _ChildFailure(_unshare_failure("network and mount", err, unprivileged))
+        raise _ChildFailure(_unshare_failure("network and mount", err, host))
     err = libc.mount(None, "/", None, MS_REC | MS_PRIVATE)
     if err:
-        raise _ChildFailure(
-            _eperm_failure(f"making mounts private: {os.strerror(err)}", unprivileged)
-        )
-    tap_fd = _open_tap(unprivileged) if config.network else None
+        raise _ChildFailure(_eperm_failure(f"making mounts private: {os.strerror(err)}", host))
+    tap_fd = _open_tap(host) if config.network else None
     try:
         _remount_sysfs(libc)
-        _configure_links(config, unprivileged)
+        _configure_links(config, host)
         if config.network:
             assert resolv_path is not None
-            _bind_resolv_conf(libc, resolv_path, unprivileged)
+            _bind_resolv_conf(libc, resolv_path, host)
     except BaseException:
         if tap_fd is not None:
             os.close(tap_fd)
@@ -513,7 +528,7 @@ def _write_proc(path: str, content: str, missing_ok: bool = False) -> None:
         os.close(fd)
 
 
-def _open_tap(unprivileged: bool) -> int:
+def _open_tap(host: _Host) -> int:
     try:
         fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -537,7 +552,7 @@ def _open_tap(unprivileged: bool) -> int:
         os.close(fd)
         if e.errno == errno.EPERM:
             raise _ChildFailure(
-                _eperm_failure(f"creating {TAP_NAME}: {e.strerror}", unprivileged)
+                _eperm_failure(f"creating {TAP_NAME}: {e.strerror}", host)
             ) from None
         raise _ChildFailure(
             f"tapbox: cannot create {TAP_NAME} on {TUN_DEVICE}: {e.strerror}: "
@@ -564,7 +579,7 @@ def _tun_permission_failure() -> str:
     )
 
 
-def _configure_links(config: SandboxConfig, unprivileged: bool) -> None:
+def _configure_links(config: SandboxConfig, host: _Host) -> None:
     try:
         from pyroute2 import IPRoute
         from pyroute2.netlink.exceptions import NetlinkError
@@ -587,7 +602,7 @@ def _configure_links(config: SandboxConfig, unprivileged: bool) -> None:
             ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY_ADDRESS)
     except NetlinkError as e:
         if e.code == errno.EPERM:
-            raise _ChildFailure(_eperm_failure(f"{step}: {e}", unprivileged)) from None
+            raise _ChildFailure(_eperm_failure(f"{step}: {e}", host)) from None
         if e.code == errno.EINVAL and step.startswith("configuring"):
             raise _ChildFailure(
                 f"tapbox: {step}: {os.strerror(e.code)}: is the MTU {config.mtu} valid "
@@ -596,7 +611,7 @@ def _configure_links(config: SandboxConfig, unprivileged: bool) -> None:
         raise _ChildFailure(f"tapbox: {step} failed: {os.strerror(e.code)}") from None
 
 
-def _bind_resolv_conf(libc: _Libc, source: str, unprivileged: bool) -> None:
+def _bind_resolv_conf(libc: _Libc, source: str, host: _Host) -> None:
     target = os.path.realpath(RESOLV_CONF)
     if not os.path.isfile(target):
         where = RESOLV_CONF if target == RESOLV_CONF else f"{RESOLV_CONF} -> {target}"
@@ -609,7 +624,7 @@ def _bind_resolv_conf(libc: _Libc, source: str, unprivileged: bool) -> None:
         raise _ChildFailure(
             _eperm_failure(
                 f"bind-mounting a private resolv.conf over {target}: {os.strerror(err)}",
-                unprivileged,
+                host,
             )
         )
 
@@ -642,7 +657,7 @@ def _remount_sysfs(libc: _Libc) -> None:
 
 
 def _top_submounts(root: str) -> list[str]:
-    """Mount points strictly below root, outermost only, in mount order."""
+    """Mount points strictly below root, outermost only (shallowest first)."""
     points: list[str] = []
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
@@ -652,7 +667,7 @@ def _top_submounts(root: str) -> list[str]:
                     points.append(_unescape_mountinfo(fields[4]))
     except OSError:
         return []
-    below = [p for p in points if p.startswith(root + "/")]
+    below = sorted((p for p in points if p.startswith(root + "/")), key=lambda p: p.count("/"))
     top: list[str] = []
     for p in below:
         if p not in top and not any(p.startswith(t + "/") for t in top):
@@ -668,62 +683,71 @@ def _unescape_mountinfo(field: str) -> str:
 # Diagnosis: one line naming the cause and the fix
 
 
-def _read_sysctl(path: str) -> str | None:
-    try:
-        with open(path, encoding="ascii") as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-SysctlReader = Callable[[str], str | None]
-
 _USERNS_CLONE = "/proc/sys/kernel/unprivileged_userns_clone"
 _MAX_USERNS = "/proc/sys/user/max_user_namespaces"
 _MAX_NETNS = "/proc/sys/user/max_net_namespaces"
 _MAX_MNTNS = "/proc/sys/user/max_mnt_namespaces"
 _APPARMOR_USERNS = "/proc/sys/kernel/apparmor_restrict_unprivileged_userns"
+_SYSCTLS = (_USERNS_CLONE, _MAX_USERNS, _MAX_NETNS, _MAX_MNTNS, _APPARMOR_USERNS)
+
+
+@dataclass(frozen=True)
+class _Host:
+    """What diagnosis needs, read before unshare(): /proc/sys/user/* is per user namespace."""
+
+    unprivileged: bool
+    sysctls: dict[str, str]  # path -> value, for the files that exist
+
+    @classmethod
+    def collect(cls) -> _Host:
+        values: dict[str, str] = {}
+        for path in _SYSCTLS:
+            try:
+                with open(path, encoding="ascii") as f:
+                    values[path] = f.read().strip()
+            except OSError:
+                pass
+        return cls(os.geteuid() != 0, values)
+
+    def sysctl(self, path: str) -> str | None:
+        return self.sysctls.get(path)
 
 
 def _sysctl_name(path: str) -> str:
     return path.removeprefix("/proc/sys/").replace("/", ".")
 
 
-def _apparmor_hint(read: SysctlReader, unprivileged: bool) -> str | None:
-    if unprivileged and read(_APPARMOR_USERNS) == "1":
+def _apparmor_hint(host: _Host) -> str | None:
+    if host.unprivileged and host.sysctl(_APPARMOR_USERNS) == "1":
+        name = _sysctl_name(_APPARMOR_USERNS)
         return (
-            f"AppArmor restricts unprivileged user namespaces ({_sysctl_name(_APPARMOR_USERNS)} "
-            f"= 1): allow them with `sysctl -w {_sysctl_name(_APPARMOR_USERNS)}=0` or give "
-            "tapbox's python an AppArmor profile with the `userns,` rule"
+            f"AppArmor restricts unprivileged user namespaces ({name} = 1): allow them with "
+            f"`sysctl -w {name}=0` or give tapbox's python an AppArmor profile with the "
+            "`userns,` rule"
         )
     return None
 
 
-def _unshare_failure(
-    what: str, err: int, unprivileged: bool, read: SysctlReader = _read_sysctl
-) -> str:
+def _unshare_failure(what: str, err: int, host: _Host) -> str:
     """Message for a failed unshare() of the user (what="user") or the net+mount namespaces."""
     noun = "namespace" if what == "user" else "namespaces"
     head = f"tapbox: cannot create the sandbox's {what} {noun}"
     limits = [_MAX_USERNS] if what == "user" else [_MAX_NETNS, _MAX_MNTNS]
-    if what == "user" and unprivileged and read(_USERNS_CLONE) == "0":
+    if what == "user" and host.unprivileged and host.sysctl(_USERNS_CLONE) == "0":
         name = _sysctl_name(_USERNS_CLONE)
         return (
             f"{head}: unprivileged user namespaces are disabled ({name} = 0): "
             f"enable them with `sysctl -w {name}=1`"
         )
     for path in limits:
-        if read(path) == "0":
+        if host.sysctl(path) == "0":
             name = _sysctl_name(path)
             return f"{head}: disabled by {name} = 0: enable them with `sysctl -w {name}=15000`"
     if err == errno.ENOSPC:
-        names = " / ".join(_sysctl_name(p) for p in limits)
-        return (
-            f"{head}: the limit on namespaces is reached (ENOSPC): raise {names} "
-            f"(see {' '.join(limits)}) with sysctl -w"
-        )
+        names = " and ".join(f"{_sysctl_name(p)} (now {host.sysctl(p) or '?'})" for p in limits)
+        return f"{head}: the limit on namespaces is reached (ENOSPC): raise {names} with sysctl -w"
     if err == errno.EPERM:
-        hint = _apparmor_hint(read, unprivileged)
+        hint = _apparmor_hint(host)
         if hint is not None:
             return f"{head}: {hint}"
         return (
@@ -736,9 +760,9 @@ def _unshare_failure(
     return f"{head}: {os.strerror(err)}"
 
 
-def _eperm_failure(step: str, unprivileged: bool, read: SysctlReader = _read_sysctl) -> str:
+def _eperm_failure(step: str, host: _Host) -> str:
     """A step after the user namespace exists failed (usually EPERM)."""
-    hint = _apparmor_hint(read, unprivileged)
+    hint = _apparmor_hint(host)
     if hint is not None:
         return f"tapbox: {step}: {hint}"
     return f"tapbox: {step}: a security module or seccomp profile may forbid it; try tapbox -n"
