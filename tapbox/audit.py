@@ -1,60 +1,221 @@
-"""What tapbox tells the user on stderr about the sandbox's network use.
+"""The audit layer: what tapbox records and tells the user about the sandbox's network use.
 
-Denied connections are always reported, once per destination (a program retrying in a loop
-gives one line, not thousands); with -v every decision is reported, and denied DNS names too.
+How this works
+--------------
+The engine and the DNS forwarder report to one `Audit` object: `flow_started(record)` and
+`flow_ended(record)` for every flow (tapbox.flows.FlowRecord), `dns(event)` for every DNS
+answer, `say(text)` for anything else. `Audit` fans each report out to the sinks in use:
+
+- stderr: denied connections are always reported, once per destination (a program retrying in
+  a loop gives one line, not thousands); with -v every decision, and denied DNS names too;
+  -q silences both the per-destination lines and the summary;
+- the event log (tapbox.eventlog, `--log`): every event, one flushed JSON line each;
+- the exit summary (tapbox.summary): printed at exit when something was denied, in audit mode,
+  or with --summary;
+- the learner (tapbox.learn, `--learn`).
+
+Attribution (tapbox.attribution) fills `record.process` a little after the flow starts. While
+it is under way (`record.attributing`), the flow's start and end are held back and released by
+`flow_attributed()`, so every sink sees a flow's start, with its process, before its end.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+import time
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
-from netstack.events import Flow
-from tapbox.dns import DnsEvent
+from tapbox.flows import FlowRecord
+
+if TYPE_CHECKING:
+    from tapbox.dns import DnsEvent
+    from tapbox.eventlog import EventLog
+    from tapbox.learn import Learner
+    from tapbox.summary import Summary
+
+SummaryMode = Literal["auto", "always", "never"]
+AUDIT_RULE_TEXT = "no rule (audit)"  # tapbox.auditpolicy.WOULD_DENY's text
 
 
 class Audit:
-    def __init__(self, verbose: bool = False, stream: TextIO | None = None) -> None:
+    def __init__(self, verbose: bool = False, stream: TextIO | None = None, *,
+                 quiet: bool = False, audit_mode: bool = False, log: EventLog | None = None,
+                 summary: Summary | None = None, learner: Learner | None = None,
+                 summary_mode: SummaryMode = "auto") -> None:
         self.verbose = verbose
+        self.quiet = quiet and not verbose
         self.stream = stream or sys.stderr
+        self.audit_mode = audit_mode
+        self.log = log
+        self.summary = summary
+        self.learner = learner
+        self.summary_mode: SummaryMode = "never" if quiet else summary_mode
         self._denied_seen: set[tuple[str, str, int]] = set()
+        self._held: dict[int, FlowRecord] = {}
+        self._serial = 0
+        self._log_failure_told = False
         self.denied_count = 0
         self.allowed_count = 0
+        self.would_deny_count = 0
+
+    # ----- what the engine and DNS report -------------------------------------------------------
 
     def say(self, text: str) -> None:
-        try:
-            print(f"tapbox: {text}", file=self.stream, flush=True)
-        except (OSError, ValueError):
-            pass  # a closed stderr must not take the firewall down
+        self._print(text)
+        self._log({"event": "message", "time": round(time.time(), 6), "text": text})
 
-    def flow_denied(self, flow: Flow, reason: str) -> None:
-        self.denied_count += 1
-        key = (flow.proto, flow.dst, flow.dport)
-        if self.verbose:
-            self.say(f"denied {flow} ({reason})")
-        elif key not in self._denied_seen:
-            self._denied_seen.add(key)
-            self.say(f"denied {flow}")
+    def flow_started(self, record: FlowRecord) -> None:
+        self._serial += 1
+        record.serial = self._serial
+        if record.attributing:
+            self._held[id(record)] = record
+            return
+        self._started(record)
 
-    def flow_allowed(self, flow: Flow, reason: str) -> None:
-        self.allowed_count += 1
-        if self.verbose:
-            self.say(f"allowed {flow} ({reason})")
+    def flow_attributed(self, record: FlowRecord) -> None:
+        """Attribution is done (record.process is set): release what was held back."""
+        if self._held.pop(id(record), None) is None:
+            return
+        self._started(record)
+        if record.ended is not None:
+            self._ended(record)
 
-    def upstream_failed(self, flow: Flow, error: str) -> None:
-        if self.verbose:
-            self.say(f"{flow}: allowed, but the host could not connect: {error}")
+    def flow_ended(self, record: FlowRecord) -> None:
+        if id(record) in self._held:
+            return  # reported with its start once attributed
+        self._ended(record)
 
     def dns(self, event: DnsEvent) -> None:
         for address in event.guarded:
             self.say(f"dns {event.name} -> {address} not admitted (rebinding guard: only an "
                      "explicit IP/CIDR rule can allow it)")
+        if self.log is not None:
+            from tapbox.eventlog import NO_RULE, dns_event
+
+            fields = dns_event(event)
+            if event.rule == AUDIT_RULE_TEXT:
+                fields["rule"] = NO_RULE
+            self._log(fields)
+        if self.summary is not None:
+            self.summary.add_dns(name=event.name, verdict=event.verdict)
+        if self.learner is not None:
+            self.learner.dns(event.name, event.verdict)
         if not self.verbose:
             return
         if event.verdict == "denied":
-            self.say(f"denied dns {event.name} {event.qtype} (no rule)")
+            self._print(f"denied dns {event.name} {event.qtype} (no rule)")
         elif event.verdict == "error":
-            self.say(f"dns {event.name} {event.qtype}: upstream failed")
+            self._print(f"dns {event.name} {event.qtype}: upstream failed")
         else:
             answers = ", ".join(event.answers) or "no addresses"
-            self.say(f"dns {event.name} {event.qtype} -> {answers} (rule {event.rule})")
+            if event.verdict == "would-deny":
+                self._print(f"would deny dns {event.name} {event.qtype} -> {answers} (no rule)")
+            else:
+                self._print(f"dns {event.name} {event.qtype} -> {answers} (rule {event.rule})")
+
+    # ----- the run's beginning and end ----------------------------------------------------------
+
+    def run_started(self, **fields: Any) -> None:
+        self._log({"event": "start", "time": round(time.time(), 6), **fields})
+
+    def run_finished(self, status: int | None) -> None:
+        """Release held flows, log the exit event; call once the engine has stopped."""
+        for record in list(self._held.values()):
+            if record.process is None:
+                from tapbox.flows import ProcessInfo
+
+                record.process = ProcessInfo(None, note="tapbox stopped before it was found")
+            record.attributing = False
+            self.flow_attributed(record)
+        self._log({"event": "exit", "time": round(time.time(), 6), "status": status,
+                   "flows": self._serial, "denied": self.denied_count,
+                   "would_deny": self.would_deny_count})
+        if self.log is not None:
+            self.log.close()
+
+    def summary_lines(self) -> list[str]:
+        """The exit summary, or [] when it is not wanted."""
+        if self.summary is None or self.summary_mode == "never":
+            return []
+        wanted = (self.summary_mode == "always" or self.audit_mode
+                  or self.summary.denied_anything)
+        return self.summary.render() if wanted else []
+
+    def print_summary(self) -> None:
+        for line in self.summary_lines():
+            self._print(line, prefix="")
+
+    # ----- sinks --------------------------------------------------------------------------------
+
+    def _started(self, record: FlowRecord) -> None:
+        flow = record.flow
+        if self.log is not None:
+            from tapbox.eventlog import flow_start_event
+
+            self._log(flow_start_event(record))
+        if self.learner is not None:
+            self.learner.flow(record)
+        who = _who(record)
+        if record.would_deny:
+            self.would_deny_count += 1
+            key = (flow.proto, flow.dst, flow.dport)
+            if self.verbose:
+                self._print(f"would deny {flow} ({record.reason}){who}; let through (audit)")
+            elif not self.quiet and key not in self._denied_seen:
+                self._denied_seen.add(key)
+                self._print(f"would deny {flow}{_named(record)} (audit: let through)")
+            return
+        if record.allowed:
+            self.allowed_count += 1
+            if self.verbose:
+                self._print(f"allowed {flow} ({record.reason}){who}")
+            return
+        self.denied_count += 1
+        key = (flow.proto, flow.dst, flow.dport)
+        if self.verbose:
+            self._print(f"denied {flow} ({record.reason}){who}")
+        elif not self.quiet and key not in self._denied_seen:
+            self._denied_seen.add(key)
+            self._print(f"denied {flow}")
+
+    def _ended(self, record: FlowRecord) -> None:
+        if self.log is not None:
+            from tapbox.eventlog import flow_end_event
+
+            self._log(flow_end_event(record))
+        if self.summary is not None:
+            from tapbox.eventlog import verdict_of
+
+            flow = record.flow
+            self.summary.add_flow(domain=record.name, dst=flow.dst, proto=flow.proto,
+                                  dport=flow.dport, verdict=verdict_of(record),
+                                  rule=record.rule, reason=record.reason,
+                                  bytes_out=record.bytes_out, bytes_in=record.bytes_in)
+        if self.verbose and (record.allowed or record.would_deny):
+            self._print(f"{record.flow} ended: {record.ending} ({record.bytes_out} bytes out, "
+                        f"{record.bytes_in} in)")
+
+    def _log(self, event: dict[str, Any]) -> None:
+        if self.log is None:
+            return
+        self.log.write(event)
+        if self.log.failed and not self._log_failure_told:
+            self._log_failure_told = True
+            self._print(self.log.failed)
+
+    def _print(self, text: str, prefix: str = "tapbox: ") -> None:
+        try:
+            print(f"{prefix}{text}", file=self.stream, flush=True)
+        except (OSError, ValueError):
+            pass  # a closed stderr must not take the firewall down
+
+
+def _who(record: FlowRecord) -> str:
+    info = record.process
+    if info is None or info.pid is None:
+        return ""
+    return f" by pid {info.pid} ({info.comm})"
+
+
+def _named(record: FlowRecord) -> str:
+    return f" ({record.name})" if record.name else ""

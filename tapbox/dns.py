@@ -119,7 +119,7 @@ class DnsEvent:
 
     name: str  # asked name, lowercased, no final dot ("" if the query had no usable question)
     qtype: str  # e.g. "A", "AAAA", "TXT" ("" if unknown)
-    verdict: Literal["allowed", "denied", "error"]
+    verdict: Literal["allowed", "denied", "would-deny", "error"]  # would-deny: audit mode
     rule: str | None  # text of the first rule admitting the name
     answers: tuple[str, ...] = ()  # addresses (A/AAAA) admitted to the policy and returned
     guarded: tuple[str, ...] = ()  # addresses refused by the rebinding guard and removed
@@ -211,9 +211,13 @@ class DnsForwarder:
             self._emit(DnsEvent(shown, qtype, "denied", None))
             return _render(_reply(query, dns.rcode.NXDOMAIN), limit)
         rule_text = rules[0].text
+        # Audit mode (tapbox.auditpolicy): a stand-in rule lets a name without a rule resolve.
+        verdict: Literal["allowed", "would-deny"] = (
+            "would-deny" if getattr(rules[0], "would_deny", False) else "allowed"
+        )
 
         if question.rdtype == dns.rdatatype.AAAA and not self.aaaa:
-            self._emit(DnsEvent(name, qtype, "allowed", rule_text))
+            self._emit(DnsEvent(name, qtype, verdict, rule_text))
             return _render(_reply(query, dns.rcode.NOERROR), limit)
 
         try:
@@ -260,7 +264,7 @@ class DnsForwarder:
         wants_ad = bool(query.flags & dns.flags.AD) or bool(query.ednsflags & dns.flags.DO)
         if upstream.flags & dns.flags.AD and wants_ad and not modified:
             reply.flags |= dns.flags.AD
-        self._emit(DnsEvent(name, qtype, "allowed", rule_text, admitted, guarded))
+        self._emit(DnsEvent(name, qtype, verdict, rule_text, admitted, guarded))
         return _render(reply, limit)
 
     # -------------------------------------------------------------------------------- upstream

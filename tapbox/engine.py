@@ -25,15 +25,21 @@ import math
 import os
 import socket as pysocket
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from netstack import events as ev
 from netstack.iface import Interface, InterfaceConfig
+from tapbox.attribution import Attributor
 from tapbox.audit import Audit
 from tapbox.dns import DnsForwarder, TcpDnsFramer
-from tapbox.policy import SANDBOX_NET4, Policy
+from tapbox.faults import INBOUND, OUTBOUND, FaultInjector, FaultSpec
+from tapbox.flows import FlowRecord
+from tapbox.pcap import PcapWriter
+from tapbox.policy import SANDBOX_NET4, Decision, Policy
 
 READ_BATCH = 256  # frames per wake-up before yielding to other tasks
 PUMP_CHUNK = 256 * 1024
@@ -45,6 +51,7 @@ class EngineConfig:
     connect_timeout: float = 15.0
     udp_idle_timeout: float = 60.0
     max_udp_flows: int = 1024
+    faults: FaultSpec | None = None  # test-only frame seam (tapbox.faults)
 
 
 class EngineError(Exception):
@@ -54,12 +61,14 @@ class EngineError(Exception):
 class _TcpProxy:
     """Per-connection state shared by the dispatcher and the two pump tasks."""
 
-    def __init__(self, flow: ev.Flow) -> None:
+    def __init__(self, flow: ev.Flow, record: FlowRecord | None = None) -> None:
         self.flow = flow
+        self.record = record
         self.readable = trio.Event()
         self.writable = trio.Event()
         self.closed = False
         self.reset = False
+        self.reset_reason = ""
         self.cancel = trio.CancelScope()
         self.sock: trio.socket.SocketType | None = None
 
@@ -71,8 +80,10 @@ class _TcpProxy:
 class _UdpRelay:
     """One UDP flow: a connected, non-blocking host socket (sends never wait: UDP may drop)."""
 
-    def __init__(self, flow: ev.Flow, sock: pysocket.socket, quote: bytes) -> None:
+    def __init__(self, flow: ev.Flow, sock: pysocket.socket, quote: bytes,
+                 record: FlowRecord) -> None:
         self.flow = flow
+        self.record = record
         self.sock = sock
         self.quote = quote
         self.last_used = 0.0
@@ -91,8 +102,11 @@ class Engine:
         self.tcp: dict[ev.Flow, _TcpProxy] = {}
         self.udp: dict[ev.Flow, _UdpRelay] = {}
         self.frames_dropped = 0
+        self.faults = FaultInjector(self.config.faults) if self.config.faults else None
         self._nursery: trio.Nursery | None = None
         self._timer_scope: trio.CancelScope | None = None
+        self.capture: PcapWriter | None = None  # --pcap: every frame read and written (runner)
+        self.attributor: Attributor | None = None  # --log: which process opened a flow (runner)
 
     # ----- main loop ------------------------------------------------------------------------
 
@@ -121,7 +135,13 @@ class Engine:
                     raise EngineError(f"reading the TAP device failed: {exc}") from exc
                 if not frame:
                     raise EngineError("the TAP device was closed")
-                receive(frame, now)
+                if self.capture is not None:
+                    self.capture.write(frame)
+                if self.faults is None:
+                    receive(frame, now)
+                else:
+                    for passed in self.faults.apply(INBOUND, frame, now):
+                        receive(passed, now)
             self._service()
             await trio.lowlevel.checkpoint()
 
@@ -132,12 +152,27 @@ class Engine:
                 self._set_timer()
                 await trio.sleep_forever()
             self._timer_scope = None
-            self.stack.poll(trio.current_time())
+            now = trio.current_time()
+            if self.faults is not None:
+                for direction, frame in self.faults.due(now):
+                    if direction == INBOUND:
+                        self.stack.receive(frame, now)
+                    else:
+                        self._write(frame)
+            self.stack.poll(now)
             self._service()
+
+    async def drain(self, idle: float = 0.05) -> None:
+        """Return once no TCP connection is left (data still in flight from a command that
+        already exited — its kernel keeps sending after close — reaches the host first)."""
+        while self.tcp:
+            await trio.sleep(idle)
 
     def _set_timer(self) -> None:
         if self._timer_scope is not None:
             at = self.stack.poll_at()
+            if self.faults is not None and self.faults.held:
+                at = min(at or math.inf, self.faults.held[0][0])
             self._timer_scope.deadline = math.inf if at is None else at
 
     def _service(self) -> None:
@@ -150,14 +185,25 @@ class Engine:
             frames = stack.take_frames()
             if not frames and not events:
                 break
-            for frame in frames:
-                try:
-                    os.write(self.tap_fd, frame)
-                except BlockingIOError:
-                    self.frames_dropped += 1  # TCP recovers; a full TAP queue is congestion
-                except OSError as exc:
-                    raise EngineError(f"writing to the TAP device failed: {exc}") from exc
+            if self.faults is None:
+                for frame in frames:
+                    self._write(frame)
+            else:
+                now = trio.current_time()
+                for frame in frames:
+                    for passed in self.faults.apply(OUTBOUND, bytes(frame), now):
+                        self._write(passed)
         self._set_timer()
+
+    def _write(self, frame: bytes | bytearray) -> None:
+        try:
+            os.write(self.tap_fd, frame)
+            if self.capture is not None:
+                self.capture.write(frame)
+        except BlockingIOError:
+            self.frames_dropped += 1  # TCP recovers; a full TAP queue is congestion
+        except OSError as exc:
+            raise EngineError(f"writing to the TAP device failed: {exc}") from exc
 
     # ----- events ---------------------------------------------------------------------------
 
@@ -175,6 +221,7 @@ class Engine:
             if proxy:
                 proxy.closed = True
                 proxy.reset = event.reset
+                proxy.reset_reason = event.reason
                 if event.reset:
                     proxy.cancel.cancel()
                 proxy.wake()
@@ -194,21 +241,53 @@ class Engine:
             self.stack.tcp_accept(flow, trio.current_time())
             self._spawn(self._serve_dns_tcp, proxy)
             return
-        allowed, reason = self._decide(flow)
-        if not allowed:
-            self.stack.tcp_reject(flow)
-            self.audit.flow_denied(flow, reason)
+        record = self._begin(flow)
+        if not record.allowed:
+            self._refuse(record, lambda: self.stack.tcp_reject(flow))
             return
-        self.audit.flow_allowed(flow, reason)
-        proxy = _TcpProxy(flow)
+        proxy = _TcpProxy(flow, record)
         self.tcp[flow] = proxy
         self._spawn(self._proxy_tcp, proxy)
 
-    def _decide(self, flow: ev.Flow) -> tuple[bool, str]:
+    def _decide(self, flow: ev.Flow) -> Decision:
         if ipaddress.ip_address(flow.dst) in SANDBOX_NET4:
-            return False, "the sandbox's own network is not proxied"
-        decision = self.policy.decide(flow.dst, flow.dport, trio.current_time())
-        return decision.allowed, decision.reason
+            return Decision(False, None, None, "the sandbox's own network is not proxied")
+        return self.policy.decide(flow.dst, flow.dport, trio.current_time())
+
+    def _begin(self, flow: ev.Flow, refuse: str | None = None) -> FlowRecord:
+        """Decide a new flow and report it; denied flows are reported ended at once."""
+        decision = self._decide(flow)
+        would_deny = decision.would_deny and refuse is None  # audit mode: let through
+        allowed = (decision.allowed or would_deny) and refuse is None
+        record = FlowRecord(flow, allowed, refuse or decision.reason,
+                            decision.rule.text if decision.rule else None, decision.name,
+                            time.time(), would_deny=would_deny)
+        if self.attributor is not None:
+            self.attributor.start(record)
+        self.audit.flow_started(record)
+        if not allowed:
+            self._end(record, "denied")
+        return record
+
+    def _refuse(self, record: FlowRecord, refuse: Callable[[], object]) -> None:
+        """Send the refusal (RST, ICMP unreachable) now, or once the flow's process is found:
+        the refusal makes the sandbox drop the socket, and with it the trace to the process."""
+        if self.attributor is None or not record.attributing:
+            refuse()
+        else:
+            self._spawn(self._refuse_attributed, record, refuse)
+
+    async def _refuse_attributed(self, record: FlowRecord, refuse: Callable[[], object]) -> None:
+        assert self.attributor is not None
+        await self.attributor.settled(record)
+        refuse()
+        self._service()
+
+    def _end(self, record: FlowRecord | None, ending: str) -> None:
+        if record is not None and record.ended is None:
+            record.ended = time.time()
+            record.ending = ending
+            self.audit.flow_ended(record)
 
     # ----- TCP ------------------------------------------------------------------------------
 
@@ -216,15 +295,19 @@ class Engine:
         flow = proxy.flow
         sock = trio.socket.socket(pysocket.AF_INET, pysocket.SOCK_STREAM)
         proxy.sock = sock
+        ending = "closed"
         try:
             error = await self._connect(sock, flow)
             if error is not None:
+                ending = error
+                if self.attributor is not None and proxy.record is not None:
+                    await self.attributor.settled(proxy.record)
                 self.stack.tcp_reject(flow)
-                self.audit.upstream_failed(flow, error)
                 self._service()
                 return
             sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
             if not self.stack.tcp_accept(flow, trio.current_time()):
+                ending = "given up by the sandbox"
                 return  # the SYN was given up on meanwhile
             self._service()
             with proxy.cancel:
@@ -232,23 +315,32 @@ class Engine:
                     nursery.start_soon(self._pump_to_host, proxy, sock)
                     nursery.start_soon(self._pump_to_sandbox, proxy, sock)
             if proxy.reset:
+                ending = proxy.reset_reason
                 _linger_zero(sock)  # the sandbox reset: reset the host side too
         except OSError as exc:  # the host side reset or failed: reset the sandbox side
-            self.audit.upstream_failed(flow, str(exc))
+            ending = "reset by host" if isinstance(exc, ConnectionResetError) else \
+                f"host error: {os.strerror(exc.errno) if exc.errno else exc}"
             self.stack.tcp_abort(flow, "host side failed")
             self._service()
+        except trio.Cancelled:
+            ending = "open when tapbox stopped"
+            raise
         finally:
             sock.close()
             self.tcp.pop(flow, None)
+            self._end(proxy.record, ending)
 
     async def _connect(self, sock: trio.socket.SocketType, flow: ev.Flow) -> str | None:
+        """None once connected, else how the host-side connect failed."""
         with trio.move_on_after(self.config.connect_timeout):
             try:
                 await sock.connect((flow.dst, flow.dport))
                 return None
+            except ConnectionRefusedError:
+                return "refused upstream"
             except OSError as exc:
-                return os.strerror(exc.errno) if exc.errno else str(exc)
-        return "timed out"
+                return f"unreachable upstream: {os.strerror(exc.errno) if exc.errno else exc}"
+        return "connect timeout"
 
     async def _pump_to_host(self, proxy: _TcpProxy, sock: trio.socket.SocketType) -> None:
         """Sandbox -> host: take data from the stack only as fast as the host socket takes it."""
@@ -258,6 +350,8 @@ class Engine:
             data = stack.tcp_recv(flow, PUMP_CHUNK)
             if data:
                 self._service()  # a window update may be due
+                if proxy.record is not None:
+                    proxy.record.bytes_out += len(data)
                 view = memoryview(data)
                 while view:
                     sent = await sock.send(view)
@@ -289,6 +383,8 @@ class Engine:
                 self._service()
                 return
             stack.tcp_send(flow, data, trio.current_time())
+            if proxy.record is not None:
+                proxy.record.bytes_in += len(data)
             self._service()
 
     # ----- DNS ------------------------------------------------------------------------------
@@ -342,17 +438,14 @@ class Engine:
             return
         relay = self.udp.get(flow)
         if relay is None:
-            allowed, reason = self._decide(flow)
-            if not allowed or len(self.udp) >= self.config.max_udp_flows:
-                if allowed:
-                    reason = "too many UDP flows"
-                self.stack.udp_unreachable(datagram)
-                self.audit.flow_denied(flow, reason)
+            full = len(self.udp) >= self.config.max_udp_flows
+            record = self._begin(flow, refuse="too many UDP flows" if full else None)
+            if not record.allowed:
+                self._refuse(record, lambda: self.stack.udp_unreachable(datagram))
                 return
-            self.audit.flow_allowed(flow, reason)
             sock = pysocket.socket(pysocket.AF_INET, pysocket.SOCK_DGRAM)
             sock.setblocking(False)
-            relay = _UdpRelay(flow, sock, datagram.quote)
+            relay = _UdpRelay(flow, sock, datagram.quote, record)
             self.udp[flow] = relay
             try:
                 sock.connect((flow.dst, flow.dport))
@@ -360,11 +453,12 @@ class Engine:
                 sock.close()
                 del self.udp[flow]
                 self.stack.udp_unreachable(datagram)
-                self.audit.upstream_failed(flow, str(exc))
+                self._end(record, f"unreachable upstream: {exc.strerror or exc}")
                 return
             self._spawn(self._relay_udp, relay)
         relay.quote = datagram.quote
         relay.last_used = trio.current_time()
+        relay.record.bytes_out += len(datagram.payload)
         try:
             relay.sock.send(datagram.payload)
         except OSError:
@@ -372,6 +466,7 @@ class Engine:
 
     async def _relay_udp(self, relay: _UdpRelay) -> None:
         flow, sock = relay.flow, relay.sock
+        ending = "open when tapbox stopped"
         try:
             while True:
                 with trio.move_on_after(self.config.udp_idle_timeout) as scope:
@@ -385,16 +480,19 @@ class Engine:
                         self._service()
                         continue
                     relay.last_used = trio.current_time()
+                    relay.record.bytes_in += len(data)
                     self.stack.udp_send(flow, data)
                     self._service()
                 if scope.cancelled_caught and \
                         trio.current_time() - relay.last_used >= self.config.udp_idle_timeout:
-                    return
+                    break
+            ending = "idle timeout"
         except OSError as exc:
-            self.audit.upstream_failed(flow, str(exc))
+            ending = f"host error: {exc.strerror or exc}"
         finally:
             sock.close()
             self.udp.pop(flow, None)
+            self._end(relay.record, ending)
 
 
 def _linger_zero(sock: trio.socket.SocketType) -> None:

@@ -52,12 +52,14 @@ class Decision:
 
     ``rule`` is the rule that admitted it (None when denied); ``name`` is the DNS name the
     address was learned from, when DNS was involved; ``reason`` is short text for audit logs.
+    ``would_deny`` (audit mode, tapbox.auditpolicy): denied by the allowlist, let through.
     """
 
     allowed: bool
     rule: Rule | None
     name: str | None
     reason: str
+    would_deny: bool = False
 
 
 def is_guarded(ip: str | IPAddress) -> str | None:

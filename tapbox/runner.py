@@ -4,6 +4,11 @@ Everything that can fail is done before the command runs (the allowlist parses, 
 upstream is known, the sandbox is set up, the engine reads the TAP device); only then is the
 sandbox told to exec. If the engine fails afterwards, the command is killed: tapbox never
 leaves a command running without its firewall.
+
+Recording (docs/audit.md) is set up in the same spirit: the --log and --pcap files are opened,
+and a --learn file is read, before the sandbox exists, so a bad path stops tapbox with 125
+before CMD runs. At the end, whatever way CMD ended (exit, signal), the log gets its exit event,
+the capture is flushed, the summary is printed and the learned allowlist is written.
 """
 
 from __future__ import annotations
@@ -11,12 +16,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tapbox.allowlist import Allowlist, AllowlistError, Rule, load_file, parse_rule
 from tapbox.errors import SetupError
 from tapbox.sandbox import Sandbox, SandboxConfig, SignalForwarder
 
+if TYPE_CHECKING:
+    from tapbox.audit import Audit
+    from tapbox.eventlog import EventLog
+    from tapbox.learn import Learner
+    from tapbox.pcap import PcapWriter
+
 EXIT_TAPBOX_FAILED = 125
+DRAIN_TIMEOUT = 10.0  # seconds open connections may take to finish after the command exits
 
 
 def load_rules(files: list[str], rules: list[str]) -> list[Rule]:
@@ -40,6 +54,58 @@ def _upstreams(args: argparse.Namespace) -> list[tuple[str, int]]:
     return upstreams_from_resolv_conf()
 
 
+@dataclass
+class Recording:
+    """What this run records besides stderr: opened before the sandbox exists."""
+
+    log: EventLog | None = None
+    pcap: PcapWriter | None = None
+    learner: Learner | None = None
+    sources: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+        if self.pcap is not None:
+            self.pcap.close()
+
+
+def _open_recording(args: argparse.Namespace) -> Recording:
+    recording = Recording(sources=[*args.files, *(f"--allow {r}" for r in args.rules)])
+    try:
+        if getattr(args, "learn", None):
+            from tapbox.learn import Learner
+
+            recording.learner = Learner(args.learn, args.command)
+            if recording.learner.exists:
+                recording.sources.append(args.learn)
+        if getattr(args, "log", None):
+            from tapbox.eventlog import EventLog, LogError
+
+            try:
+                recording.log = EventLog(args.log)
+            except LogError as exc:
+                raise SetupError(str(exc)) from None
+        if getattr(args, "pcap", None):
+            from tapbox.pcap import PcapError, PcapWriter
+
+            try:
+                recording.pcap = PcapWriter(args.pcap, args.pcap_limit)
+            except PcapError as exc:
+                raise SetupError(str(exc)) from None
+    except AllowlistError as exc:
+        recording.close()
+        raise SetupError(str(exc)) from None
+    except BaseException:
+        recording.close()
+        raise
+    return recording
+
+
+def _audit_mode(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "audit", False) or getattr(args, "learn", None))
+
+
 def run(args: argparse.Namespace) -> int:
     if args.no_network:
         return _run_sandbox(args, network=False)
@@ -47,12 +113,19 @@ def run(args: argparse.Namespace) -> int:
         rules = load_rules(args.files, args.rules)
     except AllowlistError as exc:
         raise SetupError(str(exc)) from None
-    if not rules:
+    recording = _open_recording(args)
+    if recording.learner is not None:
+        rules.extend(recording.learner.existing)
+    if not rules and not _audit_mode(args):
         print("tapbox: the allowlist is empty: no network access is allowed", file=sys.stderr)
-    return _run_sandbox(args, network=True, rules=rules)
+    try:
+        return _run_sandbox(args, network=True, rules=rules, recording=recording)
+    finally:
+        recording.close()
 
 
-def _run_sandbox(args: argparse.Namespace, network: bool, rules: list[Rule] | None = None) -> int:
+def _run_sandbox(args: argparse.Namespace, network: bool, rules: list[Rule] | None = None,
+                 recording: Recording | None = None) -> int:
     upstreams = _upstreams(args) if network else []
     if network and not upstreams and any(r.name for r in rules or []):
         print("tapbox: no DNS upstream (none in /etc/resolv.conf; use --dns-upstream): "
@@ -71,7 +144,8 @@ def _run_sandbox(args: argparse.Namespace, network: bool, rules: list[Rule] | No
             return sandbox.wait_status()
         import trio
 
-        return trio.run(_serve, sandbox, rules or [], upstreams, args)
+        return trio.run(_serve, sandbox, rules or [], upstreams, args,
+                        recording or Recording())
     finally:
         forwarder.stop()
         if sandbox.returncode is None:
@@ -81,31 +155,90 @@ def _run_sandbox(args: argparse.Namespace, network: bool, rules: list[Rule] | No
 
 
 async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str, int]],
-                 args: argparse.Namespace) -> int:
+                 args: argparse.Namespace, recording: Recording) -> int:
     import trio
 
     from netstack.iface import InterfaceConfig
     from tapbox.audit import Audit
     from tapbox.dns import DnsForwarder
     from tapbox.engine import Engine, EngineConfig, EngineError
+    from tapbox.faults import ENV_VAR, FaultSpec
     from tapbox.policy import Policy
+    from tapbox.summary import Summary
 
     assert sandbox.tap_fd is not None
-    audit = Audit(verbose=args.verbose)
-    policy = Policy(Allowlist(rules))
+    audit_mode = _audit_mode(args)
+    audit = Audit(verbose=args.verbose, quiet=getattr(args, "quiet", False),
+                  audit_mode=audit_mode, log=recording.log, summary=Summary(),
+                  learner=recording.learner,
+                  summary_mode="always" if getattr(args, "summary", False) else "auto")
+    if recording.pcap is not None:
+        recording.pcap.on_stop = audit.say
+    audit.run_started(
+        mode="learn" if recording.learner else "audit" if audit_mode else "enforce",
+        command=list(args.command), cwd=os.getcwd(), tapbox_pid=os.getpid(),
+        sandbox_pid=sandbox.pid, allowlist=recording.sources, rules=len(rules),
+        dns_upstreams=[f"{host}:{port}" for host, port in upstreams],
+        pcap=getattr(args, "pcap", None))
+    if audit_mode:
+        from tapbox.auditpolicy import AuditPolicy
+
+        policy: Policy = AuditPolicy(Allowlist(rules))
+    else:
+        policy = Policy(Allowlist(rules))
     dns = DnsForwarder(policy, upstreams, on_event=audit.dns, aaaa=False)
     config = EngineConfig(interface=InterfaceConfig(mtu=args.mtu, isn_key=os.urandom(16)))
+    if os.environ.get(ENV_VAR):
+        config.faults = FaultSpec.parse(os.environ[ENV_VAR])
     engine = Engine(sandbox.tap_fd, policy, dns, audit, config)
+    engine.capture = recording.pcap
+    attributor = None
+    if recording.log is not None:
+        from tapbox.attribution import Attributor, namespace_of
+
+        if namespace_of(sandbox.pid) not in (None, namespace_of(os.getpid())):
+            attributor = Attributor(sandbox.pid, on_done=audit.flow_attributed)
+            engine.attributor = attributor
     status = EXIT_TAPBOX_FAILED
     try:
         async with trio.open_nursery() as nursery:
+            if attributor is not None:
+                await nursery.start(attributor.run)
             await nursery.start(engine.run)
             sandbox.start()
             status = await sandbox.wait()
+            # The command may have closed sockets whose data its kernel is still sending:
+            # keep serving until those connections finish, for a bounded time.
+            with trio.move_on_after(DRAIN_TIMEOUT):
+                await engine.drain()
             nursery.cancel_scope.cancel()
     except EngineError as exc:
         audit.say(f"the network engine failed ({exc}); the command was stopped")
-        return EXIT_TAPBOX_FAILED
+        status = EXIT_TAPBOX_FAILED
     finally:
         os.close(sandbox.tap_fd)
+        _finish(audit, recording, status)
+    return _learn(audit, recording, status)
+
+
+def _finish(audit: Audit, recording: Recording, status: int) -> None:
+    """Exit event, capture flushed, summary printed: whatever way the run ended."""
+    audit.run_finished(status)
+    pcap = recording.pcap
+    if pcap is not None:
+        pcap.close()
+        if not audit.quiet and pcap.stopped is None:
+            audit.say(f"captured {pcap.frames} frames to {pcap.path}")
+    audit.print_summary()
+
+
+def _learn(audit: Audit, recording: Recording, status: int) -> int:
+    if recording.learner is None:
+        return status
+    try:
+        for line in recording.learner.write(status):
+            audit.say(line)
+    except OSError as exc:
+        audit.say(f"learn: cannot write {recording.learner.path}: {exc.strerror or exc}")
+        return EXIT_TAPBOX_FAILED
     return status

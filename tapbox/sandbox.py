@@ -72,7 +72,6 @@ import signal
 import socket
 import stat
 import struct
-import tempfile
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -385,6 +384,8 @@ def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
 
 def _write_resolv_conf(content: str) -> str:
     """Write the sandbox's resolv.conf (0644) where the child (same kernel uid) can reach it."""
+    import tempfile  # only with network: keeps `tapbox -n` start-up lean
+
     candidates = [os.environ.get("XDG_RUNTIME_DIR", ""), tempfile.gettempdir(), "/tmp"]
     last: OSError | None = None
     for directory in candidates:

@@ -266,12 +266,15 @@ def cmd_put(args: argparse.Namespace) -> dict[str, Any]:
     sent = 0
     with _connect(args.host, args.port, start) as sock:
         try:
-            sock.sendall(f"PUT {args.n}\n".encode())
+            verb = "SLOWPUT" if args.slow else "PUT"
+            sock.sendall(f"{verb} {args.n}\n".encode())
             for chunk in blob_chunks(args.n):
                 sock.sendall(chunk)
                 h.update(chunk)
                 sent += len(chunk)
             sock.shutdown(socket.SHUT_WR)
+            if args.no_wait:  # fire and forget: exit while the kernel may still be sending
+                return {"sent_sha256": h.hexdigest(), "bytes": sent}
             reply = _recv_all(sock).decode("ascii", "replace").strip()
         except OSError as e:
             raise _io_failure("put", e, start, bytes=sent) from None
@@ -358,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("host")
         s.add_argument("port", type=int)
         s.add_argument("n", type=int)
+        s.add_argument("--slow", action="store_true", help="put: the server reads slowly")
+        s.add_argument("--no-wait", action="store_true",
+                       help="put: exit right after sending, without waiting for the reply")
         s.set_defaults(func=func)
     return p
 

@@ -354,6 +354,7 @@ def run_client(run_tapbox: RunTapbox) -> RunClient:
         tapbox_args: Sequence[str] = (),
         timeout: float = 60,
         user: int | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> ClientRun:
         proc = run_tapbox(
             *tapbox_args,
@@ -362,6 +363,7 @@ def run_client(run_tapbox: RunTapbox) -> RunClient:
             allow_file_text=allow_file_text,
             allow=allow,
             user=user,
+            env=env,
         )
         return ClientRun(proc, parse_client_json(proc.stdout))
 

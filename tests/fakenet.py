@@ -15,6 +15,7 @@ Theory of operation
    - blob TCP servers (``BLOB_ENDPOINTS``), one line-based protocol:
        ``GET N\\n``        -> N bytes of deterministic data (``client.blob_chunks(N)``), then close
        ``PUT N\\n`` + N bytes -> ``<sha256 hex of what arrived>\\n``, then close
+       ``SLOWPUT N\\n``  -> as PUT, but read slowly (64 KiB, pause, ...)
        ``ECHO\\n``         -> echoes everything until EOF, then closes
        ``HELLO\\n``        -> ``hello from <local ip>:<port>\\n`` (IPv6 as ``[ip]:port``)
    - UDP echo servers (``UDP_ECHO_ENDPOINTS``).
@@ -673,15 +674,19 @@ class FakeNet:
             for chunk in blob_chunks(int(words[1])):
                 conn.sendall(chunk)
                 rec.bytes_out += len(chunk)
-        elif cmd == "PUT" and len(words) == 2 and words[1].isdigit():
+        elif cmd in ("PUT", "SLOWPUT") and len(words) == 2 and words[1].isdigit():
+            # SLOWPUT reads in 64 KiB sips with pauses: a slow host peer (back-pressure).
+            slow = cmd == "SLOWPUT"
             want = int(words[1])
             h = hashlib.sha256(rest[:want])
             got = len(rest[:want])
-            view = memoryview(bytearray(1 << 20))
+            view = memoryview(bytearray(1 << 16 if slow else 1 << 20))
             while got < want:
                 k = conn.recv_into(view, min(len(view), want - got))
                 if k == 0:
                     break
+                if slow:
+                    time.sleep(0.004)
                 h.update(view[:k])
                 got += k
             rec.bytes_in += got - len(rest[:want])

@@ -25,6 +25,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -42,9 +43,9 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
-def run(argv: list[str], **kw: object) -> int:
+def run(argv: list[str], **config: Any) -> int:
     """Spawn, start and wait; the exit code."""
-    sb = Sandbox.spawn(SandboxConfig(argv, **kw))  # type: ignore[arg-type]
+    sb = Sandbox.spawn(SandboxConfig(argv, **config))
     try:
         sb.start()
         return sb.wait_status()
@@ -54,8 +55,8 @@ def run(argv: list[str], **kw: object) -> int:
         sb.close()
 
 
-def sh(script: str, **kw: object) -> int:
-    return run(["sh", "-c", script], **kw)
+def sh(script: str, **config: Any) -> int:
+    return run(["sh", "-c", script], **config)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
@@ -406,6 +407,33 @@ def test_command_dies_with_tapbox(tmp_path: Path) -> None:
     wait_for(lambda: not _alive(child), what="the sandboxed command to be killed")
 
 
+def _state(pid: int) -> str:
+    """The process state letter (R, S, T, Z...), "" if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+def _find_in_session(sid: int, argv: list[str], timeout: float = 10.0) -> int:
+    """Wait for a process of session `sid` running exactly `argv`; its pid."""
+    wanted = "\0".join(argv) + "\0"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (entry / "cmdline").read_text()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and cmdline == wanted:
+                return int(entry.name)
+        time.sleep(0.02)
+    raise AssertionError(f"no process {argv} in session {sid}")
+
+
 def _comm(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
@@ -594,6 +622,7 @@ SIGNAL_RECORDER = textwrap.dedent(
 
 
 def _recorder(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """(tapbox-like parent script, signal log, argv of a command recording its signals)"""
     parent = _script(tmp_path, "parent.py", FORWARDING_PARENT)
     recorder = _script(tmp_path, "recorder.py", SIGNAL_RECORDER)
     log = tmp_path / "signals.log"
@@ -760,23 +789,24 @@ def test_interactive_bash_has_job_control(tmp_path: Path) -> None:
         term.expect(b"tb$ ")
         assert b"no job control" not in term.log
         term.write(b"sleep 30\n")
-        time.sleep(0.5)
+        job = _find_in_session(term.pid, ["sleep", "30"])
         term.write(b"\x03")  # Ctrl-C reaches the foreground job, not bash, not tapbox
         term.expect(b"tb$ ")
+        wait_for(lambda: not _alive(job), what="sleep 30 to be interrupted")
         term.write(b"echo rc=$?\n")
         term.expect(b"rc=130")
         term.expect(b"tb$ ")
         term.write(b"sleep 31\n")
-        time.sleep(0.5)
+        job = _find_in_session(term.pid, ["sleep", "31"])
         term.write(b"\x1a")  # Ctrl-Z stops the job; bash stays in control
         term.expect(b"Stopped")
         term.expect(b"tb$ ")
+        assert _state(job) == "T"
         term.write(b"jobs -l; echo jobs-$((1+1))\n")
         listing = term.expect(b"jobs-2")
         assert b"Stopped" in listing and b"sleep 31" in listing
         term.write(b"fg\n")
-        term.expect(b"sleep 31")
-        time.sleep(0.5)
+        wait_for(lambda: _state(job) in ("S", "R"), what="fg to resume sleep 31")
         term.write(b"\x03")
         term.expect(b"tb$ ")
         term.write(b"echo rc=$?; exit 5\n")
