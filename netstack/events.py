@@ -19,6 +19,8 @@ class Flow:
     dport: int
 
     def __str__(self) -> str:
+        if self.proto == "icmp":
+            return f"icmp {self.dst}"
         host = f"[{self.dst}]" if ":" in self.dst else self.dst
         return f"{self.proto} {host}:{self.dport}"
 
@@ -46,7 +48,10 @@ class TcpWritable:
 
 @dataclass(frozen=True, slots=True)
 class TcpClosed:
-    """The connection is over for the caller: both sides closed, or reset (`reason` says which)."""
+    """The connection is over for the caller: both sides closed, or reset (`reason` says which).
+
+    Also sent for a pending SYN the stack gave up on before the caller answered it.
+    """
 
     flow: Flow
     reset: bool
@@ -62,4 +67,15 @@ class UdpDatagram:
     quote: bytes
 
 
-Event = TcpConnectRequest | TcpReadable | TcpWritable | TcpClosed | UdpDatagram
+@dataclass(frozen=True, slots=True)
+class IcmpEchoRequest:
+    """A ping from the sandbox to a remote address (ICMP or ICMPv6; `flow.proto` is "icmp",
+    `flow.sport` the echo identifier). Answer with `icmp_echo_reply` or `icmp_unreachable`."""
+
+    flow: Flow
+    ident: int
+    seq: int
+    payload: bytes
+
+
+Event = TcpConnectRequest | TcpReadable | TcpWritable | TcpClosed | UdpDatagram | IcmpEchoRequest

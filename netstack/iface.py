@@ -26,11 +26,19 @@ from dataclasses import dataclass, field
 
 from netstack import events as ev
 from netstack import seq
-from netstack.tcp import State, TcpConfig, TcpConnection
-from netstack.wire import arp, checksum, ethernet, icmp, ipv4, tcp, udp
+from netstack.tcp import (
+    DEFAULT_MSS_IPV4,
+    DEFAULT_MSS_IPV6,
+    State,
+    TcpConfig,
+    TcpConnection,
+)
+from netstack.wire import arp, checksum, ethernet, icmp, icmpv6, ipv4, ipv6, tcp, udp
 from netstack.wire.tcp import ACK, RST, SYN, TcpSegment
 
 ETH_IP_HEADERS = ethernet.HEADER_LEN + ipv4.MIN_HEADER_LEN
+ETH_IP6_HEADERS = ethernet.HEADER_LEN + ipv6.HEADER_LEN
+NDP_HOP_LIMIT = 255  # RFC 4861 §7.1: ND messages are sent, and must arrive, with 255
 
 
 class LocalProtocolError(Exception):
@@ -42,6 +50,13 @@ class InterfaceConfig:
     sandbox_ip: str = "10.0.2.100"
     gateway_ip: str = "10.0.2.2"
     dns_ip: str = "10.0.2.3"
+    ipv6: bool = True
+    sandbox_ip6: str = "fd00::100"
+    gateway_ip6: str = "fd00::2"
+    dns_ip6: str = "fd00::3"
+    gateway_ll6: str = "fe80::2"  # the router's link-local address (RAs come from it)
+    prefix6: str = "fd00::"
+    prefix6_len: int = 64
     gateway_mac: bytes = bytes.fromhex("525500000202")
     mtu: int = 65520
     tcp: TcpConfig = field(default_factory=TcpConfig)
@@ -54,11 +69,13 @@ _Key = tuple[bytes, int, bytes, int]  # (sandbox ip, sandbox port, remote ip, re
 
 
 def _ip_bytes(text: str) -> bytes:
-    return ipaddress.IPv4Address(text).packed
+    return ipaddress.ip_address(text).packed
 
 
 def _ip_text(raw: bytes) -> str:
-    return f"{raw[0]}.{raw[1]}.{raw[2]}.{raw[3]}"
+    if len(raw) == 4:
+        return f"{raw[0]}.{raw[1]}.{raw[2]}.{raw[3]}"
+    return ipaddress.IPv6Address(raw).compressed
 
 
 class Interface:
@@ -66,8 +83,12 @@ class Interface:
         self.config = cfg = config or InterfaceConfig()
         self.sandbox_ip = _ip_bytes(cfg.sandbox_ip)
         self.local_ips = {_ip_bytes(cfg.gateway_ip), _ip_bytes(cfg.dns_ip)}
+        self.sandbox_ip6 = _ip_bytes(cfg.sandbox_ip6)
+        self.gateway_ll6 = _ip_bytes(cfg.gateway_ll6)
+        self.local_ips6 = {_ip_bytes(cfg.gateway_ip6), _ip_bytes(cfg.dns_ip6), self.gateway_ll6}
         self.sandbox_mac: bytes | None = None
         self.mss_limit = min(cfg.mtu - ipv4.MIN_HEADER_LEN - tcp.MIN_HEADER_LEN, 0xFFFF)
+        self.mss_limit6 = min(cfg.mtu - ipv6.HEADER_LEN - tcp.MIN_HEADER_LEN, 0xFFFF)
         self.drops: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
         self._frames: list[bytes | bytearray] = []
@@ -97,7 +118,8 @@ class Interface:
         if eth is None:
             return "eth-truncated"
         dst_mac, src_mac, ethertype = eth
-        if dst_mac != self.config.gateway_mac and dst_mac != ethernet.BROADCAST:
+        # Ours, or a group address (broadcast; 33:33:... for IPv6 multicast, RFC 2464 §7).
+        if dst_mac != self.config.gateway_mac and not dst_mac[0] & 1:
             return "eth-not-for-us"
         body = memoryview(frame)[ethernet.HEADER_LEN:]
         if ethertype == ethernet.ETHERTYPE_IPV4:
@@ -105,7 +127,7 @@ class Interface:
         if ethertype == ethernet.ETHERTYPE_ARP:
             return self._arp(body, src_mac)
         if ethertype == ethernet.ETHERTYPE_IPV6:
-            return "ipv6-unsupported"
+            return self._ipv6(body, src_mac, now) if self.config.ipv6 else "ipv6-disabled"
         return "eth-unknown-type"
 
     def _arp(self, body: memoryview, src_mac: bytes) -> str | None:
@@ -137,14 +159,92 @@ class Interface:
         if hdr.dst[0] >= 224 or hdr.dst == b"\xff\xff\xff\xff" or hdr.dst[0] in (0, 127):
             return "ipv4-bad-destination"
         self.sandbox_mac = src_mac
+        if hdr.ttl <= 1 and hdr.dst not in self.local_ips:
+            # We are the first router: the hop limit ends here (RFC 792 time exceeded), which
+            # is what a traceroute from the sandbox expects to see.
+            self._send_ip(_ip_bytes(self.config.gateway_ip), self.sandbox_ip, ipv4.PROTO_ICMP,
+                          icmp.message(icmp.TYPE_TIME_EXCEEDED, 0, 0,
+                                       bytes(pkt[:hdr.header_len + 8])))
+            return "ttl-expired"
         body = pkt[hdr.header_len:hdr.total_len]
         if hdr.proto == ipv4.PROTO_TCP:
-            return self._tcp(hdr, body, now)
+            return self._tcp(hdr.src, hdr.dst, body, now)
         if hdr.proto == ipv4.PROTO_UDP:
-            return self._udp(hdr, body, pkt)
+            return self._udp(hdr.src, hdr.dst, body, pkt[:hdr.header_len + udp.HEADER_LEN])
         if hdr.proto == ipv4.PROTO_ICMP:
             return self._icmp(hdr, body)
         return "ipv4-unknown-protocol"
+
+    def _ipv6(self, pkt: memoryview, src_mac: bytes, now: float) -> str | None:
+        hdr = ipv6.parse(pkt)
+        if isinstance(hdr, str):
+            return hdr
+        body = pkt[hdr.upper_offset:ipv6.HEADER_LEN + hdr.payload_len]
+        if hdr.proto == ipv6.PROTO_ICMPV6:
+            return self._icmpv6(hdr, body, pkt, src_mac)
+        if hdr.src != self.sandbox_ip6:
+            return "ipv6-foreign-source"
+        if hdr.hop_limit <= 1 and hdr.dst not in self.local_ips6:
+            return self._hop_limit_exceeded(pkt)
+        dst = hdr.dst
+        if dst[0] == 0xFF or (dst[0] == 0xFE and dst[1] & 0xC0 == 0x80) or \
+                dst == bytes(15) + b"\x01" or dst == bytes(16):
+            return "ipv6-bad-destination"  # multicast, link-local, loopback, unspecified
+        self.sandbox_mac = src_mac
+        if hdr.proto == ipv6.PROTO_TCP:
+            return self._tcp(hdr.src, dst, body, now)
+        if hdr.proto == ipv6.PROTO_UDP:
+            # RFC 4443 §2.4 (c): an error quotes as much as fits in the minimum MTU.
+            limit = ipv6.MIN_MTU - ipv6.HEADER_LEN - 8
+            return self._udp(hdr.src, dst, body, pkt[:limit])
+        return "ipv6-unknown-protocol"
+
+    def _icmpv6(self, hdr: ipv6.Ipv6Header, body: memoryview, pkt: memoryview,
+                src_mac: bytes) -> str | None:
+        """Neighbor and router discovery for the gateway addresses (RFC 4861), and echo."""
+        pseudo = checksum.pseudo_header_sum(hdr.src, hdr.dst, ipv6.PROTO_ICMPV6, len(body))
+        parsed = icmpv6.parse(body, pseudo)
+        if parsed is None:
+            return "icmpv6-malformed"
+        icmp_type, _code = parsed
+        from_sandbox = hdr.src == self.sandbox_ip6 or (hdr.src[0] == 0xFE and
+                                                       hdr.src[1] & 0xC0 == 0x80)
+        if not from_sandbox:
+            return "icmpv6-foreign-source"  # includes DAD probes from the unspecified address
+        if icmp_type == icmpv6.TYPE_NEIGHBOR_SOLICIT:
+            target = icmpv6.solicited_target(body)
+            if hdr.hop_limit != NDP_HOP_LIMIT or target is None:
+                return "ndp-invalid"
+            if target not in self.local_ips6:
+                return "ndp-not-ours"
+            self.sandbox_mac = src_mac
+            reply = icmpv6.neighbor_advert_body(target, self.config.gateway_mac, router=True)
+            self._send_icmpv6(target, hdr.src, icmpv6.TYPE_NEIGHBOR_ADVERT, reply, NDP_HOP_LIMIT)
+            return None
+        if icmp_type == icmpv6.TYPE_ROUTER_SOLICIT:
+            if hdr.hop_limit != NDP_HOP_LIMIT:
+                return "ndp-invalid"
+            self.sandbox_mac = src_mac
+            prefix = _ip_bytes(self.config.prefix6)
+            advert = icmpv6.router_advert_body(self.config.gateway_mac, prefix,
+                                               self.config.prefix6_len, self.config.mtu)
+            self._send_icmpv6(self.gateway_ll6, hdr.src, icmpv6.TYPE_ROUTER_ADVERT, advert,
+                              NDP_HOP_LIMIT)
+            return None
+        if icmp_type == icmpv6.TYPE_ECHO_REQUEST:
+            if hdr.src != self.sandbox_ip6 and hdr.dst not in self.local_ips6:
+                return "icmpv6-foreign-source"
+            if hdr.dst not in self.local_ips6:
+                if hdr.dst[0] == 0xFF or (hdr.dst[0] == 0xFE and hdr.dst[1] & 0xC0 == 0x80):
+                    return "icmpv6-echo-not-routable"
+                if hdr.hop_limit <= 1:
+                    return self._hop_limit_exceeded(pkt)
+                self._echo_event(hdr.src, hdr.dst, body)
+                return None
+            self._send_icmpv6(hdr.dst, hdr.src, icmpv6.TYPE_ECHO_REPLY,
+                              icmpv6.echo_reply_body(body))
+            return None
+        return "icmpv6-ignored"  # MLD reports, advertisements, errors from the sandbox
 
     def _icmp(self, hdr: ipv4.Ipv4Header, body: memoryview) -> str | None:
         parsed = icmp.parse(body)
@@ -153,31 +253,42 @@ class Interface:
         if parsed[0] != icmp.TYPE_ECHO_REQUEST:
             return "icmp-not-echo-request"
         if hdr.dst not in self.local_ips:
-            return "icmp-echo-not-local"
-        self._send_ip(hdr.dst, ipv4.PROTO_ICMP, icmp.echo_reply(body))
+            self._echo_event(hdr.src, hdr.dst, body)
+            return None
+        self._send_ip(hdr.dst, self.sandbox_ip, ipv4.PROTO_ICMP, icmp.echo_reply(body))
         return None
 
-    def _udp(self, hdr: ipv4.Ipv4Header, body: memoryview, pkt: memoryview) -> str | None:
-        parsed = udp.parse(body, checksum.pseudo_header_sum(hdr.src, hdr.dst, ipv4.PROTO_UDP,
-                                                            len(body)))
+    def _echo_event(self, src: bytes, dst: bytes, body: memoryview) -> None:
+        ident, seqno = int.from_bytes(body[4:6], "big"), int.from_bytes(body[6:8], "big")
+        flow = ev.Flow("icmp", _ip_text(src), ident, _ip_text(dst), 0)
+        self._events.append(ev.IcmpEchoRequest(flow, ident, seqno, bytes(body[8:])))
+
+    def _hop_limit_exceeded(self, pkt: memoryview) -> str:
+        """RFC 4443 §3.3: hop limit exceeded in transit, from the gateway."""
+        limit = ipv6.MIN_MTU - ipv6.HEADER_LEN - 8
+        self._send_icmpv6(_ip_bytes(self.config.gateway_ip6), self.sandbox_ip6,
+                          icmpv6.TYPE_TIME_EXCEEDED, icmpv6.error_body(pkt, limit))
+        return "hop-limit-expired"
+
+    def _udp(self, src: bytes, dst: bytes, body: memoryview, quote: memoryview) -> str | None:
+        parsed = udp.parse(body, checksum.pseudo_header_sum(src, dst, ipv4.PROTO_UDP, len(body)),
+                           zero_checksum_ok=len(src) == 4)
         if isinstance(parsed, str):
             return parsed
         sport, dport, payload = parsed
         if sport == 0 or dport == 0:
             return "udp-port-zero"
-        flow = ev.Flow("udp", _ip_text(hdr.src), sport, _ip_text(hdr.dst), dport)
-        quote = bytes(pkt[:hdr.header_len + udp.HEADER_LEN])
-        self._events.append(ev.UdpDatagram(flow, bytes(payload), quote))
+        flow = ev.Flow("udp", _ip_text(src), sport, _ip_text(dst), dport)
+        self._events.append(ev.UdpDatagram(flow, bytes(payload), bytes(quote)))
         return None
 
-    def _tcp(self, hdr: ipv4.Ipv4Header, body: memoryview, now: float) -> str | None:
-        seg = tcp.parse(body, checksum.pseudo_header_sum(hdr.src, hdr.dst, ipv4.PROTO_TCP,
-                                                         len(body)))
+    def _tcp(self, src: bytes, dst: bytes, body: memoryview, now: float) -> str | None:
+        seg = tcp.parse(body, checksum.pseudo_header_sum(src, dst, ipv4.PROTO_TCP, len(body)))
         if isinstance(seg, str):
             return seg
         if seg.sport == 0 or seg.dport == 0:
             return "tcp-port-zero"
-        key = (hdr.src, seg.sport, hdr.dst, seg.dport)
+        key = (src, seg.sport, dst, seg.dport)
         conn = self._conns.get(key)
         flags = seg.flags
         is_syn = flags & (SYN | ACK | RST) == SYN
@@ -192,7 +303,7 @@ class Interface:
                     self._forget(key, conn)
                 return None
         if is_syn:
-            return self._new_syn(key, seg, hdr)
+            return self._new_syn(key, seg)
         if key in self._pending:
             return "tcp-before-accept"
         if flags & RST:
@@ -204,7 +315,7 @@ class Interface:
             self._emit_tcp(key, RST | ACK, 0, (seg.seq + seg.seg_len) & 0xFFFFFFFF, 0)
         return "tcp-no-connection"
 
-    def _new_syn(self, key: _Key, seg: TcpSegment, hdr: ipv4.Ipv4Header) -> str | None:
+    def _new_syn(self, key: _Key, seg: TcpSegment) -> str | None:
         if key in self._pending:
             return "tcp-syn-duplicate"
         if len(self._conns) >= self.config.max_connections:
@@ -214,11 +325,12 @@ class Interface:
             old_key, (old_seg, old_flow) = self._pending.popitem(last=False)
             self._by_flow.pop(old_flow, None)
             self._emit_tcp(old_key, RST | ACK, 0, (old_seg.seq + 1) & 0xFFFFFFFF, 0)
+            self._events.append(ev.TcpClosed(old_flow, True, "evicted: too many pending SYNs"))
             self.drops["tcp-syn-evicted"] += 1
         # Data on a SYN is not kept: our SYN-ACK acknowledges only the SYN, so the sender
         # sends it again once the connection is open (RFC 9293 §3.10.7.2 allows either).
         seg.payload = memoryview(b"")
-        flow = ev.Flow("tcp", _ip_text(hdr.src), seg.sport, _ip_text(hdr.dst), seg.dport)
+        flow = ev.Flow("tcp", _ip_text(key[0]), seg.sport, _ip_text(key[2]), seg.dport)
         self._pending[key] = (seg, flow)
         self._by_flow[flow] = key
         self._events.append(ev.TcpConnectRequest(flow))
@@ -233,7 +345,10 @@ class Interface:
             return False
         seg, _ = self._pending.pop(key)
         iss = self._isn(key, now)
-        conn = TcpConnection(seg, iss, now, self.mss_limit, self.config.tcp, self, flow, key)
+        v6 = len(key[0]) == 16
+        conn = TcpConnection(seg, iss, now, self.mss_limit6 if v6 else self.mss_limit,
+                             self.config.tcp, self, flow, key,
+                             default_mss=DEFAULT_MSS_IPV6 if v6 else DEFAULT_MSS_IPV4)
         self._conns[key] = conn
         return True
 
@@ -291,13 +406,55 @@ class Interface:
         sandbox, remote = _ip_bytes(flow.src), _ip_bytes(flow.dst)
         pseudo = checksum.pseudo_header_sum(remote, sandbox, ipv4.PROTO_UDP,
                                             udp.HEADER_LEN + len(payload))
-        self._send_ip(remote, ipv4.PROTO_UDP, udp.datagram(flow.dport, flow.sport, payload, pseudo),
-                      dst=sandbox)
+        self._send_ip(remote, sandbox, ipv4.PROTO_UDP,
+                      udp.datagram(flow.dport, flow.sport, payload, pseudo))
 
     def udp_unreachable(self, datagram: ev.UdpDatagram) -> None:
-        """ICMP port unreachable for a datagram (RFC 792), from its destination address."""
-        self._send_ip(_ip_bytes(datagram.flow.dst), ipv4.PROTO_ICMP,
-                      icmp.unreachable(icmp.CODE_PORT_UNREACHABLE, datagram.quote))
+        """Port unreachable for a datagram (RFC 792 / RFC 4443 §3.1), from its destination."""
+        src, dst = _ip_bytes(datagram.flow.dst), _ip_bytes(datagram.flow.src)
+        if len(src) == 4:
+            self._send_ip(src, dst, ipv4.PROTO_ICMP,
+                          icmp.unreachable(icmp.CODE_PORT_UNREACHABLE, datagram.quote))
+        else:
+            self._send_icmpv6(src, dst, icmpv6.TYPE_DEST_UNREACHABLE,
+                              icmpv6.error_body(datagram.quote, len(datagram.quote)),
+                              code=icmpv6.CODE_PORT_UNREACHABLE)
+
+    def icmp_echo_reply(self, request: ev.IcmpEchoRequest, payload: bytes | memoryview) -> None:
+        """Answer a ping from the sandbox, from the address it pinged."""
+        src, dst = _ip_bytes(request.flow.dst), _ip_bytes(request.flow.src)
+        if len(src) == 4:
+            self._send_ip(src, dst, ipv4.PROTO_ICMP,
+                          icmp.echo(icmp.TYPE_ECHO_REPLY, request.ident, request.seq, payload))
+        else:
+            body = request.ident.to_bytes(2, "big") + request.seq.to_bytes(2, "big") + \
+                bytes(payload)
+            self._send_icmpv6(src, dst, icmpv6.TYPE_ECHO_REPLY, body)
+
+    def icmp_unreachable(self, request: ev.IcmpEchoRequest) -> None:
+        """Tell the sandbox its ping is not allowed: administratively prohibited, from the
+        gateway (RFC 1812 §5.2.7.1, RFC 4443 §3.1 code 1)."""
+        flow = request.flow
+        if ":" not in flow.dst:
+            original = self._echo_packet(flow, request, 4)
+            self._send_ip(_ip_bytes(self.config.gateway_ip), self.sandbox_ip, ipv4.PROTO_ICMP,
+                          icmp.unreachable(icmp.CODE_ADMIN_PROHIBITED, original))
+        else:
+            original = self._echo_packet(flow, request, 16)
+            self._send_icmpv6(_ip_bytes(self.config.gateway_ip6), self.sandbox_ip6,
+                              icmpv6.TYPE_DEST_UNREACHABLE, icmpv6.error_body(original, 1232),
+                              code=icmpv6.CODE_ADMIN_PROHIBITED)
+
+    def _echo_packet(self, flow: ev.Flow, request: ev.IcmpEchoRequest, size: int) -> bytes:
+        """The start of the sandbox's echo request, rebuilt for quoting in an error."""
+        src, dst = _ip_bytes(flow.src), _ip_bytes(flow.dst)
+        head = request.ident.to_bytes(2, "big") + request.seq.to_bytes(2, "big")
+        if size == 4:
+            body = icmp.echo(icmp.TYPE_ECHO_REQUEST, request.ident, request.seq, request.payload)
+            return ipv4.header(src, dst, ipv4.PROTO_ICMP, len(body), 0)[:20] + body[:8]
+        pseudo = checksum.pseudo_header_sum(src, dst, ipv6.PROTO_ICMPV6, 8 + len(request.payload))
+        body = icmpv6.message(icmpv6.TYPE_ECHO_REQUEST, 0, head + request.payload, pseudo)
+        return ipv6.header(src, dst, ipv6.PROTO_ICMPV6, len(body)) + body
 
     # ----- output and timers -----------------------------------------------------------------
 
@@ -394,26 +551,40 @@ class Interface:
                   payload: bytes | bytearray | memoryview = b"", options: bytes = b"") -> None:
         sandbox_ip, sandbox_port, remote_ip, remote_port = key
         seg_len = tcp.MIN_HEADER_LEN + len(options) + len(payload)
-        frame = bytearray(ETH_IP_HEADERS + seg_len)
+        headers = ETH_IP_HEADERS if len(remote_ip) == 4 else ETH_IP6_HEADERS
+        frame = bytearray(headers + seg_len)
         self._write_headers(frame, remote_ip, sandbox_ip, ipv4.PROTO_TCP, seg_len)
-        start = ETH_IP_HEADERS + tcp.MIN_HEADER_LEN + len(options)
-        frame[start:] = payload
+        frame[headers + tcp.MIN_HEADER_LEN + len(options):] = payload
         pseudo = checksum.pseudo_header_sum(remote_ip, sandbox_ip, ipv4.PROTO_TCP, seg_len)
-        tcp.segment_into(frame, ETH_IP_HEADERS, remote_port, sandbox_port, seqno, ackno, flags,
+        tcp.segment_into(frame, headers, remote_port, sandbox_port, seqno, ackno, flags,
                          window, options, len(payload), pseudo)
         self._frames.append(frame)
         self.stats["tcp-out"] += 1
 
-    def _send_ip(self, src: bytes, proto: int, body: bytes, dst: bytes | None = None) -> None:
-        frame = bytearray(ETH_IP_HEADERS + len(body))
-        self._write_headers(frame, src, dst or self.sandbox_ip, proto, len(body))
-        frame[ETH_IP_HEADERS:] = body
+    def _send_ip(self, src: bytes, dst: bytes, proto: int, body: bytes,
+                 hop_limit: int = ipv6.DEFAULT_HOP_LIMIT) -> None:
+        headers = ETH_IP_HEADERS if len(src) == 4 else ETH_IP6_HEADERS
+        frame = bytearray(headers + len(body))
+        self._write_headers(frame, src, dst, proto, len(body), hop_limit)
+        frame[headers:] = body
         self._frames.append(frame)
 
+    def _send_icmpv6(self, src: bytes, dst: bytes, icmp_type: int, body: bytes,
+                     hop_limit: int = ipv6.DEFAULT_HOP_LIMIT, code: int = 0) -> None:
+        pseudo = checksum.pseudo_header_sum(src, dst, ipv6.PROTO_ICMPV6, 4 + len(body))
+        self._send_ip(src, dst, ipv6.PROTO_ICMPV6, icmpv6.message(icmp_type, code, body, pseudo),
+                      hop_limit)
+
     def _write_headers(self, frame: bytearray, src: bytes, dst: bytes, proto: int,
-                       payload_len: int) -> None:
+                       payload_len: int, hop_limit: int = ipv6.DEFAULT_HOP_LIMIT) -> None:
         mac = self.sandbox_mac or ethernet.BROADCAST
-        frame[0:ethernet.HEADER_LEN] = ethernet.header(mac, self.config.gateway_mac,
-                                                       ethernet.ETHERTYPE_IPV4)
-        frame[ethernet.HEADER_LEN:ETH_IP_HEADERS] = ipv4.header(src, dst, proto, payload_len,
-                                                                self._next_ident())
+        if len(src) == 4:
+            frame[0:ethernet.HEADER_LEN] = ethernet.header(mac, self.config.gateway_mac,
+                                                           ethernet.ETHERTYPE_IPV4)
+            frame[ethernet.HEADER_LEN:ETH_IP_HEADERS] = ipv4.header(
+                src, dst, proto, payload_len, self._next_ident())
+        else:
+            frame[0:ethernet.HEADER_LEN] = ethernet.header(mac, self.config.gateway_mac,
+                                                           ethernet.ETHERTYPE_IPV6)
+            frame[ethernet.HEADER_LEN:ETH_IP6_HEADERS] = ipv6.header(src, dst, proto,
+                                                                     payload_len, hop_limit)

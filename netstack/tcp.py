@@ -50,6 +50,7 @@ _RECEIVING = frozenset({State.ESTABLISHED, State.FIN_WAIT_1, State.FIN_WAIT_2})
 _SENDING = frozenset({State.ESTABLISHED, State.CLOSE_WAIT})
 
 DEFAULT_MSS_IPV4 = 536  # RFC 9293 §3.7.1: assumed when the SYN carries no MSS option
+DEFAULT_MSS_IPV6 = 1220  # RFC 8200 §5 minimum MTU 1280, less the IPv6 and TCP headers
 DUPACK_THRESHOLD = 3  # RFC 5681 §3.2
 
 
@@ -80,7 +81,8 @@ class TcpConnection:
     """One connection, created in SYN-RECEIVED from the peer's SYN when the caller accepts it."""
 
     def __init__(self, syn: TcpSegment, iss: int, now: float, mss_limit: int, cfg: TcpConfig,
-                 out: TcpOutput, flow: Flow, key: tuple[bytes, int, bytes, int]) -> None:
+                 out: TcpOutput, flow: Flow, key: tuple[bytes, int, bytes, int],
+                 default_mss: int = DEFAULT_MSS_IPV4) -> None:
         self.flow = flow
         self.key = key  # the interface's table key
         self.heap_at: float | None = None  # the interface's timer-heap entry, if any
@@ -106,7 +108,7 @@ class TcpConnection:
         self.snd_wnd = syn.window  # the window in a SYN is never scaled (RFC 7323 §2.2)
         self.snd_wl1 = syn.seq
         self.snd_wl2 = iss
-        self.snd_mss = max(64, min(syn.mss or DEFAULT_MSS_IPV4, mss_limit))
+        self.snd_mss = max(64, min(syn.mss or default_mss, mss_limit))
         self.our_mss = mss_limit
         self.snd_buf = bytearray()
         self.buf_seq = seq.add(iss, 1)  # sequence number of snd_buf[0]

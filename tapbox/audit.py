@@ -160,10 +160,10 @@ class Audit:
             self.would_deny_count += 1
             key = (flow.proto, flow.dst, flow.dport)
             if self.verbose:
-                self._print(f"would deny {flow} ({record.reason}){who}; let through (audit)")
+                self._print(f"audit: would deny {flow} ({record.reason}){who}")
             elif not self.quiet and key not in self._denied_seen:
                 self._denied_seen.add(key)
-                self._print(f"would deny {flow}{_named(record)} (audit: let through)")
+                self._print(f"audit: would deny {flow}{_named(record)}")
             return
         if record.allowed:
             self.allowed_count += 1
@@ -218,4 +218,4 @@ def _who(record: FlowRecord) -> str:
 
 
 def _named(record: FlowRecord) -> str:
-    return f" ({record.name})" if record.name else ""
+    return f" (dns {record.name})" if record.name else ""

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DNS server to resolve allowed names with (default: the host's "
                              "resolv.conf)")
     parser.add_argument("--mtu", type=int, default=65520, help="MTU of tap0 (default 65520)")
+    parser.add_argument("--ipv6", choices=("auto", "on", "off"), default="auto",
+                        help="IPv6 in the sandbox (fd00::100/64) and AAAA answers: auto = only "
+                             "when the host can reach IPv6 destinations (default)")
     parser.add_argument("--root", action="store_true",
                         help="run CMD as uid/gid 0 inside the sandbox (fakeroot)")
     parser.add_argument("-n", "--no-network", action="store_true",

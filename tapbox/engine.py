@@ -39,7 +39,7 @@ from tapbox.dns import DnsForwarder, TcpDnsFramer
 from tapbox.faults import INBOUND, OUTBOUND, FaultInjector, FaultSpec
 from tapbox.flows import FlowRecord
 from tapbox.pcap import PcapWriter
-from tapbox.policy import SANDBOX_NET4, Decision, Policy
+from tapbox.policy import SANDBOX_NET4, SANDBOX_NET6, Decision, Policy
 
 READ_BATCH = 256  # frames per wake-up before yielding to other tasks
 PUMP_CHUNK = 256 * 1024
@@ -77,15 +77,18 @@ class _TcpProxy:
         self.writable.set()
 
 
-class _UdpRelay:
-    """One UDP flow: a connected, non-blocking host socket (sends never wait: UDP may drop)."""
+class _DatagramRelay:
+    """One UDP or ICMP-echo flow: a connected, non-blocking host socket (sends never wait:
+    datagrams may drop, as at a router). `deliver` hands a reply to the stack; `refused`
+    reports an ICMP error the host got back."""
 
-    def __init__(self, flow: ev.Flow, sock: pysocket.socket, quote: bytes,
-                 record: FlowRecord) -> None:
+    def __init__(self, flow: ev.Flow, sock: pysocket.socket, record: FlowRecord,
+                 deliver: Callable[[bytes], None], refused: Callable[[], None]) -> None:
         self.flow = flow
         self.record = record
         self.sock = sock
-        self.quote = quote
+        self.deliver = deliver
+        self.refused = refused
         self.last_used = 0.0
 
 
@@ -98,9 +101,10 @@ class Engine:
         self.audit = audit
         self.config = config or EngineConfig()
         self.stack = Interface(self.config.interface)
-        self.dns_ip = self.config.interface.dns_ip
+        iface = self.config.interface
+        self.dns_ips = {iface.dns_ip, iface.dns_ip6} if iface.ipv6 else {iface.dns_ip}
         self.tcp: dict[ev.Flow, _TcpProxy] = {}
-        self.udp: dict[ev.Flow, _UdpRelay] = {}
+        self.udp: dict[ev.Flow, _DatagramRelay] = {}  # UDP and ICMP echo flows
         self.frames_dropped = 0
         self.faults = FaultInjector(self.config.faults) if self.config.faults else None
         self._nursery: trio.Nursery | None = None
@@ -229,13 +233,15 @@ class Engine:
             self._on_udp(event)
         elif isinstance(event, ev.TcpConnectRequest):
             self._on_connect(event.flow)
+        elif isinstance(event, ev.IcmpEchoRequest):
+            self._on_echo(event)
 
     def _spawn(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
         assert self._nursery is not None
         self._nursery.start_soon(fn, *args)
 
     def _on_connect(self, flow: ev.Flow) -> None:
-        if flow.dst == self.dns_ip and flow.dport == 53:
+        if flow.dst in self.dns_ips and flow.dport == 53:
             proxy = _TcpProxy(flow)
             self.tcp[flow] = proxy
             self.stack.tcp_accept(flow, trio.current_time())
@@ -250,7 +256,8 @@ class Engine:
         self._spawn(self._proxy_tcp, proxy)
 
     def _decide(self, flow: ev.Flow) -> Decision:
-        if ipaddress.ip_address(flow.dst) in SANDBOX_NET4:
+        address = ipaddress.ip_address(flow.dst)
+        if address in (SANDBOX_NET4 if address.version == 4 else SANDBOX_NET6):
             return Decision(False, None, None, "the sandbox's own network is not proxied")
         return self.policy.decide(flow.dst, flow.dport, trio.current_time())
 
@@ -293,29 +300,32 @@ class Engine:
 
     async def _proxy_tcp(self, proxy: _TcpProxy) -> None:
         flow = proxy.flow
-        sock = trio.socket.socket(pysocket.AF_INET, pysocket.SOCK_STREAM)
+        sock = trio.socket.socket(_family(flow), pysocket.SOCK_STREAM)
         proxy.sock = sock
         ending = "closed"
         try:
-            error = await self._connect(sock, flow)
-            if error is not None:
-                ending = error
-                if self.attributor is not None and proxy.record is not None:
-                    await self.attributor.settled(proxy.record)
-                self.stack.tcp_reject(flow)
-                self._service()
-                return
-            sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
-            if not self.stack.tcp_accept(flow, trio.current_time()):
-                ending = "given up by the sandbox"
-                return  # the SYN was given up on meanwhile
-            self._service()
+            # One cancel scope for the whole life of the flow: a reset from the sandbox, or the
+            # stack giving up on the pending SYN, ends the host side wherever it is.
             with proxy.cancel:
+                error = await self._connect(sock, flow)
+                if self.attributor is not None and proxy.record is not None:
+                    # The process waits in connect() until its SYN is answered: find it first.
+                    await self.attributor.settled(proxy.record)
+                if error is not None:
+                    ending = error
+                    self.stack.tcp_reject(flow)
+                    self._service()
+                    return
+                sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
+                if not self.stack.tcp_accept(flow, trio.current_time()):
+                    ending = "given up by the sandbox"
+                    return  # the SYN was given up on meanwhile
+                self._service()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._pump_to_host, proxy, sock)
                     nursery.start_soon(self._pump_to_sandbox, proxy, sock)
             if proxy.reset:
-                ending = proxy.reset_reason
+                ending = proxy.reset_reason or "reset"
                 _linger_zero(sock)  # the sandbox reset: reset the host side too
         except OSError as exc:  # the host side reset or failed: reset the sandbox side
             ending = "reset by host" if isinstance(exc, ConnectionResetError) else \
@@ -433,55 +443,96 @@ class Engine:
 
     def _on_udp(self, datagram: ev.UdpDatagram) -> None:
         flow = datagram.flow
-        if flow.dst == self.dns_ip and flow.dport == 53:
+        if flow.dst in self.dns_ips and flow.dport == 53:
             self._spawn(self._answer_dns_udp, datagram)
             return
-        relay = self.udp.get(flow)
-        if relay is None:
-            full = len(self.udp) >= self.config.max_udp_flows
-            record = self._begin(flow, refuse="too many UDP flows" if full else None)
-            if not record.allowed:
-                self._refuse(record, lambda: self.stack.udp_unreachable(datagram))
-                return
-            sock = pysocket.socket(pysocket.AF_INET, pysocket.SOCK_DGRAM)
-            sock.setblocking(False)
-            relay = _UdpRelay(flow, sock, datagram.quote, record)
-            self.udp[flow] = relay
-            try:
-                sock.connect((flow.dst, flow.dport))
-            except OSError as exc:
-                sock.close()
-                del self.udp[flow]
-                self.stack.udp_unreachable(datagram)
-                self._end(record, f"unreachable upstream: {exc.strerror or exc}")
-                return
-            self._spawn(self._relay_udp, relay)
-        relay.quote = datagram.quote
-        relay.last_used = trio.current_time()
-        relay.record.bytes_out += len(datagram.payload)
-        try:
-            relay.sock.send(datagram.payload)
-        except OSError:
-            pass  # a full socket buffer or an ICMP error: UDP may drop, as a router would
+        quote = [datagram.quote]  # of the latest datagram, for an ICMP error back
+        relay = self.udp.get(flow) or self._open_relay(
+            flow, pysocket.SOCK_DGRAM, 0, (flow.dst, flow.dport),
+            deliver=lambda data: self.stack.udp_send(flow, data),
+            refused=lambda: self.stack.udp_unreachable(ev.UdpDatagram(flow, b"", quote[0])),
+            reject=lambda: self.stack.udp_unreachable(datagram))
+        if relay is not None:
+            quote[0] = datagram.quote
+            self._relay_send(relay, datagram.payload, len(datagram.payload))
 
-    async def _relay_udp(self, relay: _UdpRelay) -> None:
-        flow, sock = relay.flow, relay.sock
+    def _on_echo(self, request: ev.IcmpEchoRequest) -> None:
+        """Ping through an unprivileged ICMP socket (the kernel sets the identifier)."""
+        flow = request.flow
+        v6 = ":" in flow.dst
+        proto = pysocket.IPPROTO_ICMPV6 if v6 else pysocket.IPPROTO_ICMP
+
+        def deliver(reply: bytes) -> None:
+            if len(reply) >= 8 and reply[0] == (129 if v6 else 0):  # echo reply
+                seqno = int.from_bytes(reply[6:8], "big")
+                self.stack.icmp_echo_reply(ev.IcmpEchoRequest(flow, flow.sport, seqno, b""),
+                                           reply[8:])
+
+        relay = self.udp.get(flow) or self._open_relay(
+            flow, pysocket.SOCK_DGRAM, proto, (flow.dst, 0), deliver=deliver,
+            refused=lambda: self.stack.icmp_unreachable(request),
+            reject=lambda: self.stack.icmp_unreachable(request))
+        if relay is not None:
+            header = struct.pack("!BBHHH", 128 if v6 else 8, 0, 0, 0, request.seq)
+            self._relay_send(relay, header + request.payload, len(request.payload))
+
+    def _open_relay(self, flow: ev.Flow, kind: int, proto: int, address: tuple[str, int],
+                    deliver: Callable[[bytes], None], refused: Callable[[], None],
+                    reject: Callable[[], None]) -> _DatagramRelay | None:
+        """Decide a new datagram flow and, if allowed, open its host socket and relay task."""
+        full = len(self.udp) >= self.config.max_udp_flows
+        record = self._begin(flow, refuse="too many datagram flows" if full else None)
+        if not record.allowed:
+            self._refuse(record, reject)
+            return None
+        try:
+            sock = pysocket.socket(_family(flow), kind, proto)
+        except PermissionError:  # ICMP sockets need the group in net.ipv4.ping_group_range
+            reject()
+            self._end(record, "ping not permitted on this host (net.ipv4.ping_group_range)")
+            return None
+        sock.setblocking(False)
+        try:
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            reject()
+            self._end(record, f"unreachable upstream: {exc.strerror or exc}")
+            return None
+        relay = _DatagramRelay(flow, sock, record, deliver, refused)
+        self.udp[flow] = relay
+        self._spawn(self._relay, relay)
+        return relay
+
+    def _relay_send(self, relay: _DatagramRelay, data: bytes, payload_len: int) -> None:
+        relay.last_used = trio.current_time()
+        relay.record.bytes_out += payload_len
+        try:
+            relay.sock.send(data)
+        except OSError:
+            pass  # a full socket buffer or an ICMP error: datagrams may drop, as a router would
+
+    async def _relay(self, relay: _DatagramRelay) -> None:
+        """Replies from the host back to the sandbox, until the flow has been idle too long."""
+        sock = relay.sock
         ending = "open when tapbox stopped"
         try:
             while True:
                 with trio.move_on_after(self.config.udp_idle_timeout) as scope:
                     await trio.lowlevel.wait_readable(sock)
+                    if self.attributor is not None and relay.record.attributing:
+                        await self.attributor.settled(relay.record)  # the sender awaits this
                     try:
                         data = sock.recv(65535)
                     except BlockingIOError:
                         continue
                     except ConnectionRefusedError:
-                        self.stack.udp_unreachable(ev.UdpDatagram(flow, b"", relay.quote))
+                        relay.refused()
                         self._service()
                         continue
                     relay.last_used = trio.current_time()
                     relay.record.bytes_in += len(data)
-                    self.stack.udp_send(flow, data)
+                    relay.deliver(data)
                     self._service()
                 if scope.cancelled_caught and \
                         trio.current_time() - relay.last_used >= self.config.udp_idle_timeout:
@@ -491,8 +542,12 @@ class Engine:
             ending = f"host error: {exc.strerror or exc}"
         finally:
             sock.close()
-            self.udp.pop(flow, None)
+            self.udp.pop(relay.flow, None)
             self._end(relay.record, ending)
+
+
+def _family(flow: ev.Flow) -> int:
+    return pysocket.AF_INET6 if ":" in flow.dst else pysocket.AF_INET
 
 
 def _linger_zero(sock: trio.socket.SocketType) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tapbox.eventlog import LogError, read_events
-from tapbox.summary import Summary, human_bytes
+from tapbox.summary import WIDTH, Summary, human_bytes
 
 USAGE = "tapbox log show FILE [--denied] [--domain NAME] [--flows]"
 
@@ -92,7 +92,7 @@ def show(path: str, *, denied: bool = False, domain: str | None = None,
     if start is not None and start.get("mode") in ("audit", "learn"):
         summary.audit_mode = True
     shown = summary.filtered(denied_only=denied, domain=domain)
-    lines = [_heading(path, start, end)]
+    lines = _heading(path, start, end)
     lines += shown.render(max_rows=10_000)
     if flows:
         lines.append("")
@@ -105,16 +105,18 @@ def _rule(event: dict[str, Any]) -> str | None:
     return None if rule in (None, "no rule") else str(rule)
 
 
-def _heading(path: str, start: dict[str, Any] | None, end: dict[str, Any] | None) -> str:
+def _heading(path: str, start: dict[str, Any] | None, end: dict[str, Any] | None) -> list[str]:
     if start is None:
-        return f"{path}: (no start event)"
+        return [f"log:     {path} (no start event: not the whole log?)"]
     command = start.get("command")
     text = shlex.join(command) if isinstance(command, list) else "?"
+    if len(text) > WIDTH - 9:
+        text = text[:WIDTH - 12] + "..."
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(start.get("time", 0))))
-    mode = start.get("mode", "enforce")
-    status = "still running or killed (no exit event)" if end is None else \
+    status = "no exit event (still running, or tapbox was killed)" if end is None else \
         f"exit status {end.get('status')}"
-    return f"{path}: {text!s} at {when}, {mode} mode, {status}"
+    return [f"log:     {path}", f"command: {text}",
+            f"run:     {when}, {start.get('mode', 'enforce')} mode, {status}"]
 
 
 def _flow_lines(events: Any, shown: Summary, denied_only: bool) -> list[str]:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tapbox.allowlist import Allowlist, AllowlistError, Rule, load_file, parse_rule
 from tapbox.errors import SetupError
-from tapbox.sandbox import Sandbox, SandboxConfig, SignalForwarder
+from tapbox.sandbox import DNS_ADDRESS, DNS_ADDRESS6, Sandbox, SandboxConfig, SignalForwarder
 
 if TYPE_CHECKING:
     from tapbox.audit import Audit
@@ -41,6 +42,17 @@ def load_rules(files: list[str], rules: list[str]) -> list[Rule]:
     for text in rules:
         loaded.append(parse_rule(text))
     return loaded
+
+
+def host_has_ipv6() -> bool:
+    """Whether the host can route to global IPv6 destinations (a route lookup, no packet:
+    connecting a UDP socket sends nothing)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.connect(("2001:db8::1", 9))
+        return True
+    except OSError:
+        return False
 
 
 def _upstreams(args: argparse.Namespace) -> list[tuple[str, int]]:
@@ -132,8 +144,13 @@ def _run_sandbox(args: argparse.Namespace, network: bool, rules: list[Rule] | No
               "names will not resolve", file=sys.stderr)
     forwarder = SignalForwarder()
     try:
+        args.ipv6_enabled = network and (args.ipv6 == "on" or
+                                         (args.ipv6 == "auto" and host_has_ipv6()))
+        resolv = f"nameserver {DNS_ADDRESS}\n" + \
+            (f"nameserver {DNS_ADDRESS6}\n" if args.ipv6_enabled else "")
         sandbox = Sandbox.spawn(SandboxConfig(argv=args.command, network=network,
-                                              mtu=args.mtu, root=args.root))
+                                              mtu=args.mtu, root=args.root,
+                                              ipv6=args.ipv6_enabled, resolv_conf=resolv))
     except BaseException:
         forwarder.restore()
         raise
@@ -186,8 +203,10 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
         policy: Policy = AuditPolicy(Allowlist(rules))
     else:
         policy = Policy(Allowlist(rules))
-    dns = DnsForwarder(policy, upstreams, on_event=audit.dns, aaaa=False)
-    config = EngineConfig(interface=InterfaceConfig(mtu=args.mtu, isn_key=os.urandom(16)))
+    ipv6 = bool(getattr(args, "ipv6_enabled", False))
+    dns = DnsForwarder(policy, upstreams, on_event=audit.dns, aaaa=ipv6)
+    config = EngineConfig(interface=InterfaceConfig(mtu=args.mtu, isn_key=os.urandom(16),
+                                                    ipv6=ipv6))
     if os.environ.get(ENV_VAR):
         config.faults = FaultSpec.parse(os.environ[ENV_VAR])
     engine = Engine(sandbox.tap_fd, policy, dns, audit, config)

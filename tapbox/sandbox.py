@@ -90,6 +90,9 @@ __all__ = [
     "TAP_PREFIXLEN",
     "GATEWAY_ADDRESS",
     "DNS_ADDRESS",
+    "TAP_ADDRESS6",
+    "GATEWAY_ADDRESS6",
+    "DNS_ADDRESS6",
 ]
 
 # slirp4netns' well-known layout, so users' habits carry over.
@@ -98,6 +101,11 @@ TAP_ADDRESS = "10.0.2.100"
 TAP_PREFIXLEN = 24
 GATEWAY_ADDRESS = "10.0.2.2"
 DNS_ADDRESS = "10.0.2.3"
+TAP_ADDRESS6 = "fd00::100"
+TAP_PREFIXLEN6 = 64
+GATEWAY_ADDRESS6 = "fd00::2"
+DNS_ADDRESS6 = "fd00::3"
+_IFA_F_NODAD = 0x02  # the address is ours alone on this link: skip duplicate detection
 RESOLV_CONF = "/etc/resolv.conf"
 TUN_DEVICE = "/dev/net/tun"
 
@@ -171,6 +179,7 @@ class SandboxConfig:
     mtu: int = 65520
     root: bool = False  # --root: uid/gid 0 inside (fakeroot), else the caller's uid/gid numbers
     resolv_conf: str = f"nameserver {DNS_ADDRESS}\n"
+    ipv6: bool = False  # also fd00::100/64 on tap0, default route via fd00::2
 
 
 class _ChildFailure(Exception):
@@ -601,6 +610,11 @@ def _configure_links(config: SandboxConfig, host: _Host) -> None:
             ipr.link("set", index=index, state="up")
             step = f"adding the default route via {GATEWAY_ADDRESS}"
             ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY_ADDRESS)
+            if config.ipv6:
+                step = f"configuring IPv6 on {TAP_NAME} (use --ipv6 off if IPv6 is disabled)"
+                ipr.addr("add", index=index, address=TAP_ADDRESS6, prefixlen=TAP_PREFIXLEN6,
+                         flags=_IFA_F_NODAD)
+                ipr.route("add", dst="::/0", gateway=GATEWAY_ADDRESS6, oif=index)
     except NetlinkError as e:
         if e.code == errno.EPERM:
             raise _ChildFailure(_eperm_failure(f"{step}: {e}", host)) from None

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 WIDTH = 80
 MAX_ROWS = 40
-_DEST_W, _PORTS_W, _OK_W, _DENY_W, _BYTES_W = 24, 10, 3, 4, 5
+_DEST_W, _PORTS_W, _OK_W, _DENY_W, _BYTES_W = 22, 14, 3, 4, 5
 
 
 @dataclass
@@ -167,13 +167,29 @@ def _line(dest: str, ports: str, ok: str, deny: str, sent: str, recv: str, verdi
 
 def _verdict(row: Row) -> str:
     parts = []
+    why = short_reason(row.denial)
+    if row.denied or (not row.flows and row.dns_denied):
+        parts.append(f"DENIED: {why}")
+    if row.would_deny or (not row.flows and row.dns_would_deny):
+        parts.append(f"WOULD DENY: {why}")
     if row.allowed:
         parts.append(", ".join(row.rules) or "allowed")
-    if row.denied or (not row.flows and row.dns_denied):
-        parts.append(f"DENIED: {row.denial or 'no rule'}")
-    if row.would_deny or (not row.flows and row.dns_would_deny):
-        parts.append(f"WOULD DENY: {row.denial or 'no rule'}")
     return "; ".join(parts)
+
+
+def short_reason(reason: str | None) -> str:
+    """The policy's reason for a denial, in a few words for the table."""
+    if not reason:
+        return "no rule"
+    if reason.startswith("the sandbox's own network"):
+        return "sandbox network"
+    if reason.startswith("guarded address"):
+        return "guarded " + reason[reason.find("("):reason.find(")") + 1]
+    if reason.startswith("port ") and " not admitted" in reason:
+        return reason[:reason.index(" not admitted")] + " not admitted"
+    if reason.startswith("no rule"):
+        return "no rule"
+    return reason
 
 
 def _ports(ports: Iterable[str]) -> str:

@@ -302,6 +302,62 @@ def cmd_connect(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _icmp_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def cmd_ping(args: argparse.Namespace) -> dict[str, Any]:
+    """One echo request over a raw socket (the sandbox's root owns CAP_NET_RAW in its netns);
+    reports "reply", "unreachable" (with the ICMP type/code and who sent it) or "timeout"."""
+    start = time.monotonic()
+    v6 = ":" in args.host
+    proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+    ident, seq, data = os.getpid() & 0xFFFF, 7, b"tapbox-ping"
+    echo_type = 128 if v6 else 8
+    head = echo_type.to_bytes(1, "big") + b"\0\0\0" + ident.to_bytes(2, "big") + \
+        seq.to_bytes(2, "big")
+    packet = head + data
+    if not v6:  # the kernel fills in ICMPv6 checksums on raw sockets, not ICMPv4 ones
+        packet = packet[:2] + _icmp_checksum(packet).to_bytes(2, "big") + packet[4:]
+    with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW, proto) as s:
+        s.sendto(packet, (args.host, 0))
+        deadline = start + 3.0
+        while time.monotonic() < deadline:
+            s.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                reply, sender = s.recvfrom(65535)
+            except TimeoutError:
+                break
+            icmp = reply if v6 else reply[(reply[0] & 0x0F) * 4:]
+            kind, code = icmp[0], icmp[1]
+            if kind == (129 if v6 else 0) and icmp[4:8] == head[4:8] and icmp[8:] == data:
+                return {"result": "reply", "from": sender[0], "seconds": time.monotonic() - start}
+            if kind in ((1, 3) if v6 else (3, 11)):
+                raise Failure({"result": "unreachable", "type": kind, "code": code,
+                               "from": sender[0], "seconds": time.monotonic() - start})
+    raise Failure({"result": "timeout", "seconds": time.monotonic() - start})
+
+
+def cmd_ttl1(args: argparse.Namespace) -> dict[str, Any]:
+    """A traceroute-style probe: a UDP datagram with TTL 1; reports the ICMP that comes back."""
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as raw, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
+        udp.sendto(b"probe", (args.host, args.port))
+        raw.settimeout(3.0)
+        try:
+            reply, sender = raw.recvfrom(65535)
+        except TimeoutError:
+            raise Failure({"result": "timeout"}) from None
+        icmp = reply[(reply[0] & 0x0F) * 4:]
+        return {"result": "icmp", "type": icmp[0], "code": icmp[1], "from": sender[0]}
+
+
 def cmd_udp(args: argparse.Namespace) -> dict[str, Any]:
     start = time.monotonic()
     payload = b"tapbox-udp-" + os.urandom(8).hex().encode()
@@ -355,6 +411,15 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("host")
         s.add_argument("port", type=int)
         s.set_defaults(func=func)
+
+    s = sub.add_parser("ping")
+    s.add_argument("host")
+    s.set_defaults(func=cmd_ping)
+
+    s = sub.add_parser("ttl1")
+    s.add_argument("host")
+    s.add_argument("port", type=int)
+    s.set_defaults(func=cmd_ttl1)
 
     for name, func in (("get", cmd_get), ("put", cmd_put)):
         s = sub.add_parser(name)

@@ -106,6 +106,7 @@ BLOB_ENDPOINTS: tuple[tuple[str, int], ...] = (
 UDP_ECHO_ENDPOINTS: tuple[tuple[str, int], ...] = (
     ("192.0.2.10", 5353),
     ("203.0.113.7", 5353),
+    ("2001:db8::10", 5353),
 )
 
 # (address, port, udp?, tcp?)

@@ -20,6 +20,7 @@ from typing import Any
 
 from scapy.compat import raw
 from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Packet
 
@@ -68,6 +69,8 @@ def check_frame(frame: bytes | bytearray) -> Ether:
         assert ARP in pkt, "ARP frame scapy cannot parse"
         assert len(data) == 14 + 28
         return pkt
+    if pkt.type == 0x86DD:
+        return _check_ipv6(pkt, data[14:])
     assert pkt.type == 0x0800, f"unexpected ethertype {pkt.type:#x}"
     assert IP in pkt
     ip_bytes = data[14:]
@@ -88,6 +91,19 @@ def check_frame(frame: bytes | bytearray) -> Ether:
             detail += (f", {got.payload.name} chksum {got.payload.chksum:#06x}"
                        f" (scapy {want.payload.chksum:#06x})")
         raise AssertionError(f"scapy recomputes different bytes: {detail}")
+    return pkt
+
+
+def _check_ipv6(pkt: Ether, ip_bytes: bytes) -> Ether:
+    """IPv6 has no header checksum: recompute the upper layer's (TCP, UDP, ICMPv6) only."""
+    ip = pkt[IPv6]
+    assert ip.version == 6 and ip.plen == len(ip_bytes) - 40
+    rebuilt = IPv6(ip_bytes)
+    upper = rebuilt.payload
+    for name in ("chksum", "cksum"):
+        if upper.fields_desc and any(f.name == name for f in upper.fields_desc):
+            delattr(upper, name)
+    assert raw(rebuilt) == ip_bytes, "scapy recomputes a different upper-layer checksum"
     return pkt
 
 

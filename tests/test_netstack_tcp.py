@@ -235,6 +235,23 @@ class TestEstablishedReceive:
         # Reading opens the window: a window update goes out.
         peer.expect(flags="A", ack=start + 4000, window=4000)
 
+    def test_ack_on_data_into_zero_window_is_processed(self) -> None:
+        # RFC 9293 §3.10.7.4: with RCV.WND zero no segment's text is acceptable, "but special
+        # allowance should be made to accept valid ACKs": the data is refused, its ACK is not.
+        peer = established(TcpConfig(rcv_buffer=1000), mss=1000)
+        base = peer.rcv_nxt
+        send_from_stack(peer, b"o" * 500)
+        peer.expect(seq=base, payload=b"o" * 500)
+        peer.send(b"x" * 1000, ack=base)  # fills our window; does not acknowledge ours yet
+        peer.expect(flags="A", ack=peer.seq, window=0)
+        peer.tcp("PA", seq=peer.seq, ack=base + 500, payload=b"y" * 100)
+        peer.expect(flags="A", ack=peer.seq, window=0)  # the text is refused...
+        conn = peer.iface.connection(peer.flow)
+        assert conn is not None and rel(conn.snd_una, base) == 500  # ...the ACK is taken
+        peer.advance(1.0)
+        peer.expect_none()  # so nothing is retransmitted
+        assert peer.recv_all() == b"x" * 1000
+
     def test_data_beyond_window_trimmed(self) -> None:
         peer = established(TcpConfig(rcv_buffer=1000), mss=1000)
         start = peer.seq
@@ -378,6 +395,14 @@ class TestEstablishedSend:
         assert sum(len(s.payload) for s in segs) == 4000
         peer.ack(ack=base + 4000, window=500)
         assert sum(len(s.payload) for s in peer.segments()) == 2000
+
+    def test_window_scale_above_14_is_treated_as_14(self) -> None:
+        # RFC 7323 §2.3: a shift count above 14 is used as 14.
+        peer = Peer(isn=1)
+        peer.window = 1
+        peer.handshake(mss=1460, wscale=20, window=65535)
+        send_from_stack(peer, b"s" * 20_000)
+        assert sum(len(s.payload) for s in peer.segments()) == 1 << 14
 
     def test_send_buffer_bounded(self) -> None:
         peer = established(TcpConfig(snd_buffer=5000), window=1000)
@@ -537,9 +562,9 @@ class TestRetransmission:
         segs = peer.segments()
         assert rel(segs[0].seq, base) == 0
         peer.ack(ack=base + 3000, window=65535)
-        peer.expect_none()  # nothing to answer: everything is acknowledged
         conn = peer.iface.connection(peer.flow)
-        assert conn is not None and rel(conn.snd_una, base) == 3000
+        assert conn is not None and rel(conn.snd_una, base) == 3000, "ACK of sent data refused"
+        peer.expect_none()  # nothing to answer: everything is acknowledged
         peer.advance(100.0)
         peer.expect_none()
         assert peer.state() == "ESTABLISHED"

@@ -10,6 +10,7 @@ HEADER_LEN = 8
 TYPE_ECHO_REPLY = 0
 TYPE_DEST_UNREACHABLE = 3
 TYPE_ECHO_REQUEST = 8
+TYPE_TIME_EXCEEDED = 11
 CODE_NET_UNREACHABLE = 0
 CODE_HOST_UNREACHABLE = 1
 CODE_PORT_UNREACHABLE = 3
@@ -31,6 +32,10 @@ def message(icmp_type: int, code: int, rest: int, body: bytes | memoryview) -> b
     raw += body
     struct.pack_into("!H", raw, 2, checksum.checksum(raw))
     return bytes(raw)
+
+
+def echo(icmp_type: int, ident: int, seq: int, payload: bytes | memoryview) -> bytes:
+    return message(icmp_type, 0, (ident << 16) | seq, payload)
 
 
 def echo_reply(request: bytes | memoryview) -> bytes:
