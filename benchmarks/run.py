@@ -331,9 +331,10 @@ class Servers:
         self.iperf: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        log = open(self.workdir / "servers.log", "wb")  # noqa: SIM115 - owned by the process
-        self.servers = self.procs.popen([sys.executable, str(SERVERS)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=log)
+        with open(self.workdir / "servers.log", "wb") as log:
+            self.servers = self.procs.popen([sys.executable, str(SERVERS)],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=log)
         assert self.servers.stdout is not None
         line = LineReader(self.servers.stdout).readline(15, "servers.py")
         if line.strip() != b"ready":
@@ -345,9 +346,9 @@ class Servers:
             self.procs.stop(self.iperf)
             self.iperf = None
         if self.iperf is None:
-            log = open(self.workdir / "iperf3-server.log", "ab")  # noqa: SIM115
-            self.iperf = self.procs.popen(["iperf3", "-s", "-B", SERVER_IP, "-p",
-                                           str(IPERF_PORT)], stdout=log, stderr=log)
+            with open(self.workdir / "iperf3-server.log", "ab") as log:
+                self.iperf = self.procs.popen(["iperf3", "-s", "-B", SERVER_IP, "-p",
+                                               str(IPERF_PORT)], stdout=log, stderr=log)
             wait_listening(IPERF_PORT, 10)
 
 
@@ -385,8 +386,17 @@ class Sandbox:
     # ----- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the agent in the tool's sandbox; returns once it reaches the echo server."""
+        # The children keep their own copies of the log's fd.
+        with open(self.env.workdir / f"{self.config.tool}-{self.config.mtu}.log", "ab") as log:
+            self._start(log)
+        reply = self.call({"op": "wait_net", "host": SERVER_IP, "port": ECHO_PORT,
+                           "timeout": 15}, timeout=25)
+        if "error" in reply:
+            raise BenchError(f"network not up: {reply['error']}")
+
+    def _start(self, log: IO[bytes]) -> None:
         agent_cmd = [sys.executable, str(AGENT)]
-        log = open(self.env.workdir / f"{self.config.tool}-{self.config.mtu}.log", "ab")  # noqa: SIM115
         tool, mtu = self.config.tool, self.config.mtu
         if tool == "tapbox":
             argv = [*self.env.tapbox, "--allow", SERVER_IP, "--allow", BENCH_NAME,
@@ -411,10 +421,6 @@ class Sandbox:
         elif tool == "pasta":
             self.helper = start_pasta(self.procs, hello["hello"], mtu, self.env.workdir, log)
             self.host_pid = self.helper.pid
-        reply = self.call({"op": "wait_net", "host": SERVER_IP, "port": ECHO_PORT,
-                           "timeout": 15}, timeout=25)
-        if "error" in reply:
-            raise BenchError(f"network not up: {reply['error']}")
 
     def stop(self) -> None:
         if self.agent is not None and self.agent.poll() is None and self.dead is None:
@@ -721,11 +727,8 @@ def held_rss(sb: Sandbox, count: int, host_pid: int) -> list[float]:
 
 
 def _timed_popen(env: Env, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    err = open(env.workdir / "startup-stderr.log", "w+b")  # noqa: SIM115 - closed by _finish
-    try:
+    with open(env.workdir / "startup-stderr.log", "wb") as err:  # the child keeps a copy
         return env.procs.popen(argv, stdout=subprocess.PIPE, stderr=err, **kwargs)
-    finally:
-        err.close()  # the child has its own copy
 
 
 def time_tapbox(env: Env, cmd: list[str], first_byte: bool) -> float:
@@ -814,12 +817,14 @@ def _finish_timed(env: Env, proc: subprocess.Popen[bytes], t0: float, first_byte
     return elapsed
 
 
-def measure_startup(env: Env, results: Results, log: Callable[[str], None]) -> None:
+def measure_startup(env: Env, results: Results, configs: Sequence[Config],
+                    log: Callable[[str], None]) -> None:
     curl = ["curl", "-sS", "--max-time", "10", HTTP_URL]
-    tools: list[tuple[str, Callable[[Env, list[str], bool], float]]] = [
-        ("tapbox 65520", time_tapbox), ("slirp 65520", time_slirp)]
-    if env.have_pasta:
-        tools.append(("pasta 65520", time_pasta))
+    timers: dict[str, Callable[[Env, list[str], bool], float]] = {
+        "tapbox": time_tapbox, "slirp4netns": time_slirp, "pasta": time_pasta}
+    tools = [(c.column, timers[c.tool]) for c in configs if c.mtu == 65520 and c.tool in timers]
+    if not tools:
+        return
     for i in range(env.params.startup_runs):
         for column, fn in tools[i % len(tools):] + tools[:i % len(tools)]:
             for key, cmd, first in (("startup", ["true"], False), ("ttfb", curl, True)):
@@ -891,10 +896,10 @@ def profile_tapbox(env: Env, outdir: Path, log: Callable[[str], None]) -> list[s
 
 def summarize_profile(name: str, raw: Path, cpu: float, wall: float,
                       top: int = 15) -> list[str]:
-    """The functions with the most samples (self and inclusive), plus the engine's CPU share.
-
-    Only samples in which the engine thread was running are in py-spy's output (idle ones,
-    e.g. in epoll_wait, are left out), so the shares are shares of the engine's busy time."""
+    """The functions with the most samples (self and inclusive) in the engine's trio thread,
+    plus the engine's CPU share from /proc. py-spy does not reliably tell a thread blocked in a
+    system call from a running one here, so the samples of other threads are left out, and
+    time the engine spends waiting in epoll shows up under `get_events`."""
     own: dict[str, int] = {}
     inclusive: dict[str, int] = {}
     total = 0
@@ -905,14 +910,15 @@ def summarize_profile(name: str, raw: Path, cpu: float, wall: float,
         count = int(count_text)
         frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")
                   if not f.startswith(("process ", "thread "))]
-        if not frames:
-            continue
+        if not any(f.startswith("unrolled_run (") for f in frames):
+            continue  # not the engine (trio) thread: e.g. the signal forwarder's sigwaitinfo
         total += count
         own[frames[-1]] = own.get(frames[-1], 0) + count
         for frame in set(frames):
             inclusive[frame] = inclusive.get(frame, 0) + count
     out = [f"#### {name}: tapbox used {cpu:.2f} CPU s in {wall:.2f} s "
-           f"({100 * cpu / max(wall, 1e-6):.0f}% of a core); {total} busy samples", "",
+           f"({100 * cpu / max(wall, 1e-6):.0f}% of a core); {total} samples of the trio thread",
+           "",
            "| self % | incl. % | function |", "| ---: | ---: | --- |"]
     for frame, count in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
         out.append(f"| {100 * count / max(1, total):.1f} | "
@@ -1036,7 +1042,8 @@ def machine_info(env: Env) -> list[str]:
                              timeout=10, check=False).stdout
         libslirp = next((ln for ln in out.splitlines() if ln.startswith("libslirp")), "")
     pasta = (first_line(["dpkg-query", "-W", "-f", "${Package} ${Version}", "passt"])
-             if env.have_pasta else "not installed")
+             if env.have_pasta else
+             "not measured" if shutil.which("pasta") else "not installed")
     git = first_line(["git", "-C", str(REPO), "describe", "--always", "--dirty"])
     return [
         f"- date: {datetime.date.today().isoformat()}",
@@ -1064,6 +1071,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="also run py-spy on tapbox during up/down/connrate/ping-pong and "
                              "write raw stacks and a summary to DIR")
     parser.add_argument("--json", metavar="FILE", help="write every sample to FILE")
+    parser.add_argument("--max-minutes", type=float, default=45.0,
+                        help="stop (cleaning up) if the whole run takes longer (default 45)")
     parser.add_argument("--tapbox", default=None,
                         help="tapbox command (default: `tapbox` on PATH, else python -m tapbox)")
     return parser.parse_args(argv)
@@ -1086,6 +1095,13 @@ def main(argv: Sequence[str]) -> int:
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
+
+    def overtime(*_: object) -> None:
+        raise SystemExit(f"benchmark: still running after {args.max_minutes} minutes: "
+                         "stopped (see --max-minutes)")
+
+    signal.signal(signal.SIGALRM, overtime)
+    signal.alarm(int(args.max_minutes * 60))
     raise_nofile()
     procs = Procs()
     out = Output()
@@ -1170,7 +1186,7 @@ def _main(args: argparse.Namespace, params: Params, tools: list[str], procs: Pro
         log(f"round {rnd + 1}/{params.rounds}: direct (DNS without a sandbox)")
         run_one_session(Config("direct", 0), env, results, log)
     log(f"start-up: {params.startup_runs} runs per tool")
-    measure_startup(env, results, log)
+    measure_startup(env, results, configs, log)
     profile_lines: list[str] = []
     if args.profile:
         log("profiling tapbox with py-spy")

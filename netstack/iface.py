@@ -305,6 +305,11 @@ class Interface:
         if is_syn:
             return self._new_syn(key, seg)
         if key in self._pending:
+            if flags & RST:  # the sandbox gave up on its SYN before we answered it
+                _, flow = self._pending.pop(key)
+                self._by_flow.pop(flow, None)
+                self._events.append(ev.TcpClosed(flow, True, "reset by sandbox"))
+                return None
             return "tcp-before-accept"
         if flags & RST:
             return "tcp-rst-no-connection"

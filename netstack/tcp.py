@@ -105,6 +105,7 @@ class TcpConnection:
         self.iss = iss
         self.snd_una = iss
         self.snd_nxt = seq.add(iss, 1)
+        self.snd_max = self.snd_nxt  # highest sequence number sent (SND.NXT before a go-back)
         self.snd_wnd = syn.window  # the window in a SYN is never scaled (RFC 7323 §2.2)
         self.snd_wl1 = syn.seq
         self.snd_wl2 = iss
@@ -124,6 +125,7 @@ class TcpConnection:
         self.rtx_at: float | None = None
         self.persist_at: float | None = None
         self.persist_backoff = cfg.persist_min
+        self.persist_unanswered = 0  # zero-window probes sent since the peer last acknowledged
         self.time_wait_at: float | None = None
         self.ack_pending = False
         self.closed_reported = False
@@ -162,7 +164,7 @@ class TcpConnection:
 
     @property
     def fin_sent(self) -> bool:
-        return self.fin_queued and seq.lt(self.fin_seq, self.snd_nxt)
+        return self.fin_queued and seq.lt(self.fin_seq, self.snd_max)
 
     def _rcv_window(self) -> int:
         return max(0, self.cfg.rcv_buffer - len(self.rcv_buf))
@@ -276,6 +278,8 @@ class TcpConnection:
             self.snd_nxt = seq.add(self.snd_nxt, 1)
             self._on_fin_sent()
             sent_any = True
+        if seq.lt(self.snd_max, self.snd_nxt):
+            self.snd_max = self.snd_nxt
         if sent_any and self.rtx_at is None:
             self._arm_rtx(now)
         self._update_persist(now)
@@ -314,8 +318,13 @@ class TcpConnection:
             return
         if self.persist_at is not None and now >= self.persist_at:
             # A probe with an already-acknowledged sequence number draws an ACK that carries
-            # the peer's current window, without putting any new data in flight.
+            # the peer's current window, without putting any new data in flight. The connection
+            # stays open while probes are answered (§3.8.6.1 MUST); unanswered ones are bounded.
             self.persist_at = None
+            self.persist_unanswered += 1
+            if self.persist_unanswered > self.cfg.max_retries:
+                self.abort("timeout")
+                return
             self._emit(ACK, seq.add(self.snd_una, -1))
             self.persist_backoff = min(self.persist_backoff * 2, self.cfg.rto_max)
             self._update_persist(now)
@@ -324,6 +333,14 @@ class TcpConnection:
 
     def _retransmit_timeout(self, now: float) -> None:
         """RFC 6298 §5.4-5.6: retransmit the earliest unacknowledged segment and back off."""
+        if self.snd_wnd == 0 and self.state != State.SYN_RECEIVED:
+            # The peer shrank its window to zero under data in flight: nothing may be resent
+            # into it, so this is not a lost segment. Go back and probe the window instead.
+            self.snd_nxt = self.snd_una
+            self.rtx_at = None
+            self.out.tcp_timer_changed(self)
+            self._update_persist(now)
+            return
         self.retries += 1
         if self.retries > self.cfg.max_retries:
             self.abort("timeout")
@@ -356,7 +373,16 @@ class TcpConnection:
             return
         # First: sequence number acceptability.
         if not self._acceptable(seg):
-            if not flags & RST:
+            if flags & RST:
+                return
+            # With our window at zero nothing is acceptable, but a valid ACK still counts
+            # (§3.10.7.4: "special allowance should be made to accept valid ACKs").
+            if flags & ACK and seg.seq == self.rcv_nxt and not (flags & SYN) and \
+                    seq.diff(self.rcv_adv_edge, self.rcv_nxt) <= 0 and \
+                    self.state != State.SYN_RECEIVED:
+                if self._process_ack(seg, now):
+                    self._output(now)
+            if self.state != State.CLOSED:
                 self._emit(ACK, self.snd_nxt)
             return
         # Second: RST (RFC 5961 §3.2: only an exact match resets; in-window draws a challenge).
@@ -408,25 +434,27 @@ class TcpConnection:
             self.snd_una = ack
             self.snd_wnd = seg.window << self.snd_shift
             self.snd_wl1, self.snd_wl2 = seg.seq, ack
+            # RFC 6298 §5.7: after a retransmitted SYN(-ACK), RTO is 3 s until data is timed.
+            self.rto = 3.0 if self.retries else self.rto if self.srtt else self.cfg.rto_initial
             self.retries = 0
-            self.rto = self.cfg.rto_initial if self.srtt is None else self.rto
             self.rtx_at = None
             self.out.tcp_timer_changed(self)
             if self.fin_queued or self.snd_buf:
                 self._output(now)
             self._signal_writable()
             return True
-        if seq.lt(self.snd_nxt, ack):
+        if seq.lt(self.snd_max, ack):
             # ACK for data never sent: acknowledge and drop (§3.10.7.4, fifth, ESTABLISHED).
             self._emit(ACK, self.snd_nxt)
             return False
         if seq.lt(self.snd_una, ack):
             self._ack_advanced(ack, now)
         elif (ack == self.snd_una and not seg.payload and not seg.flags & FIN
-              and self.snd_una != self.snd_nxt and (seg.window << self.snd_shift) == self.snd_wnd):
+              and self.snd_una != self.snd_max and (seg.window << self.snd_shift) == self.snd_wnd):
             self.dupacks += 1
             if self.dupacks == DUPACK_THRESHOLD:
                 self._fast_retransmit()
+        self.persist_unanswered = 0  # the peer is alive: it answered
         # Window update (§3.10.7.4: SND.WL1/SND.WL2 rule).
         if seq.lt(self.snd_wl1, seg.seq) or (
             self.snd_wl1 == seg.seq and seq.le(self.snd_wl2, ack)
@@ -449,6 +477,7 @@ class TcpConnection:
         acked = seq.diff(ack, self.snd_una)
         self.snd_una = ack
         self.dupacks = 0
+        self.persist_unanswered = 0
         data_acked = min(seq.diff(ack, self.buf_seq), len(self.snd_buf))
         if data_acked > 0:
             del self.snd_buf[:data_acked]
@@ -460,7 +489,7 @@ class TcpConnection:
             self.rtt_seq = None
         self.retries = 0
         # RFC 6298 §5.2/5.3: stop the timer when all is acknowledged, else restart it.
-        self.rtx_at = None if self.snd_una == self.snd_nxt else now + self.rto
+        self.rtx_at = None if self.snd_una == self.snd_max else now + self.rto
         self.out.tcp_timer_changed(self)
         if acked > 0 and data_acked > 0:
             self._signal_writable()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 WIDTH = 80
 MAX_ROWS = 40
-_DEST_W, _PORTS_W, _OK_W, _DENY_W, _BYTES_W = 22, 14, 3, 4, 5
+_DEST_W, _PORTS_W, _OK_W, _DENY_W, _BYTES_W = 21, 15, 3, 4, 5
 
 
 @dataclass
@@ -197,9 +197,15 @@ def _ports(ports: Iterable[str]) -> str:
     text = ",".join(labels)
     if len(text) <= _PORTS_W:
         return text
-    first = labels[0]
-    more = f",+{len(labels) - 1}"
-    return _right_cut(first, _PORTS_W - len(more)) + more
+    shown = labels[0]
+    for i, label in enumerate(labels[1:], 1):
+        if len(f"{shown},{label},+{len(labels) - i - 1}") > _PORTS_W:
+            break
+        shown += "," + label
+    else:
+        return shown
+    more = f",+{len(labels) - shown.count(',') - 1}"
+    return _right_cut(shown, _PORTS_W - len(more)) + more
 
 
 def _port_key(label: str) -> tuple[str, int]:

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from conftest import CLIENT, REPO_ROOT, RunTapbox, SpawnTapbox, read_line, tapbox_env
 from fakenet import FakeNet
 

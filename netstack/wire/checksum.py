@@ -12,17 +12,21 @@ _FOLD = 0xFFFF
 
 
 def ones_sum(data: bytes | bytearray | memoryview) -> int:
-    """Partial ones'-complement sum of `data` (odd lengths padded with a zero byte), mod 0xFFFF."""
+    """Folded ones'-complement sum of `data` (odd lengths padded with a zero byte): 0 only for
+    all-zero data, else 1..0xFFFF (a non-zero sum never folds to 0 in ones' complement)."""
+    value = int.from_bytes(data, "big")
     if len(data) & 1:
-        return (int.from_bytes(data, "big") << 8) % _FOLD
-    return int.from_bytes(data, "big") % _FOLD
+        value <<= 8
+    folded = value % _FOLD
+    return folded if folded or not value else _FOLD
 
 
 def finish(total: int) -> int:
     """Turn a sum of `ones_sum` results into the checksum field value (RFC 1071 §1)."""
-    total %= _FOLD
-    # A non-zero ones'-complement sum is never 0; 0 here means the folded sum was 0xFFFF.
-    return (~total & 0xFFFF) if total else 0
+    if not total:
+        return 0xFFFF  # all-zero data: the sum is 0, its complement all ones
+    folded = total % _FOLD
+    return ~folded & 0xFFFF if folded else 0
 
 
 def checksum(*parts: bytes | bytearray | memoryview) -> int:
@@ -31,8 +35,9 @@ def checksum(*parts: bytes | bytearray | memoryview) -> int:
 
 
 def verify(*parts: bytes | bytearray | memoryview) -> bool:
-    """True when the parts, checksum field included, sum to 0xFFFF (i.e. 0 mod 0xFFFF)."""
-    return sum(ones_sum(p) for p in parts) % _FOLD == 0
+    """True when the parts, checksum field included, fold to 0xFFFF."""
+    total = sum(ones_sum(p) for p in parts)
+    return total != 0 and total % _FOLD == 0
 
 
 def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
