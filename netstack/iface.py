@@ -33,7 +33,7 @@ from netstack.tcp import (
     TcpConfig,
     TcpConnection,
 )
-from netstack.wire import arp, checksum, ethernet, icmp, icmpv6, ipv4, ipv6, tcp, udp
+from netstack.wire import arp, checksum, ethernet, icmp, icmpv6, ipv4, ipv6, tcp, udp, vnet
 from netstack.wire.tcp import ACK, RST, SYN, TcpSegment
 
 ETH_IP_HEADERS = ethernet.HEADER_LEN + ipv4.MIN_HEADER_LEN
@@ -63,6 +63,10 @@ class InterfaceConfig:
     max_connections: int = 4096
     max_pending: int = 1024  # SYNs waiting for the caller's decision
     isn_key: bytes = b""  # secret for RFC 6528 initial sequence numbers; pass random bytes
+    # Frames in and out carry a virtio-net header (a TAP with IFF_VNET_HDR); with
+    # checksum_offload, TCP checksums are left to the kernel (see netstack.wire.vnet).
+    vnet_hdr: bool = False
+    checksum_offload: bool = False
 
 
 _Key = tuple[bytes, int, bytes, int]  # (sandbox ip, sandbox port, remote ip, remote port)
@@ -87,6 +91,9 @@ class Interface:
         self.gateway_ll6 = _ip_bytes(cfg.gateway_ll6)
         self.local_ips6 = {_ip_bytes(cfg.gateway_ip6), _ip_bytes(cfg.dns_ip6), self.gateway_ll6}
         self.sandbox_mac: bytes | None = None
+        self.prefix = vnet.HEADER_LEN if cfg.vnet_hdr else 0
+        self.offload = cfg.vnet_hdr and cfg.checksum_offload
+        self.trusted = False  # this frame's TCP/UDP checksum was vouched for by the kernel
         self.mss_limit = min(cfg.mtu - ipv4.MIN_HEADER_LEN - tcp.MIN_HEADER_LEN, 0xFFFF)
         self.mss_limit6 = min(cfg.mtu - ipv6.HEADER_LEN - tcp.MIN_HEADER_LEN, 0xFFFF)
         self.drops: Counter[str] = Counter()
@@ -114,6 +121,14 @@ class Interface:
             self.drops[reason] += 1
 
     def _receive(self, frame: bytes | bytearray | memoryview, now: float) -> str | None:
+        if self.prefix:
+            header = vnet.parse(frame)
+            if header is None:
+                return "vnet-truncated"
+            self.trusted, gso_type = header
+            if gso_type != vnet.GSO_NONE:
+                return "vnet-gso-unsupported"  # we never enable segmentation offload
+            frame = memoryview(frame)[self.prefix:]
         eth = ethernet.parse(frame)
         if eth is None:
             return "eth-truncated"
@@ -144,8 +159,8 @@ class Interface:
         self.sandbox_mac = src_mac
         reply = arp.build(arp.OP_REPLY, self.config.gateway_mac, pkt.target_ip, src_mac,
                           pkt.sender_ip)
-        self._frames.append(ethernet.header(src_mac, self.config.gateway_mac,
-                                            ethernet.ETHERTYPE_ARP) + reply)
+        self._frames.append(bytes(self.prefix) + ethernet.header(
+            src_mac, self.config.gateway_mac, ethernet.ETHERTYPE_ARP) + reply)
         return None
 
     def _ipv4(self, pkt: memoryview, src_mac: bytes, now: float) -> str | None:
@@ -272,7 +287,7 @@ class Interface:
 
     def _udp(self, src: bytes, dst: bytes, body: memoryview, quote: memoryview) -> str | None:
         parsed = udp.parse(body, checksum.pseudo_header_sum(src, dst, ipv4.PROTO_UDP, len(body)),
-                           zero_checksum_ok=len(src) == 4)
+                           zero_checksum_ok=len(src) == 4, verify=not self.trusted)
         if isinstance(parsed, str):
             return parsed
         sport, dport, payload = parsed
@@ -283,7 +298,8 @@ class Interface:
         return None
 
     def _tcp(self, src: bytes, dst: bytes, body: memoryview, now: float) -> str | None:
-        seg = tcp.parse(body, checksum.pseudo_header_sum(src, dst, ipv4.PROTO_TCP, len(body)))
+        seg = tcp.parse(body, checksum.pseudo_header_sum(src, dst, ipv4.PROTO_TCP, len(body)),
+                        verify=not self.trusted)
         if isinstance(seg, str):
             return seg
         if seg.sport == 0 or seg.dport == 0:
@@ -556,22 +572,24 @@ class Interface:
                   payload: bytes | bytearray | memoryview = b"", options: bytes = b"") -> None:
         sandbox_ip, sandbox_port, remote_ip, remote_port = key
         seg_len = tcp.MIN_HEADER_LEN + len(options) + len(payload)
-        headers = ETH_IP_HEADERS if len(remote_ip) == 4 else ETH_IP6_HEADERS
-        frame = bytearray(headers + seg_len)
+        start = self.prefix + (ETH_IP_HEADERS if len(remote_ip) == 4 else ETH_IP6_HEADERS)
+        frame = bytearray(start + seg_len)
         self._write_headers(frame, remote_ip, sandbox_ip, ipv4.PROTO_TCP, seg_len)
-        frame[headers + tcp.MIN_HEADER_LEN + len(options):] = payload
+        frame[start + tcp.MIN_HEADER_LEN + len(options):] = payload
         pseudo = checksum.pseudo_header_sum(remote_ip, sandbox_ip, ipv4.PROTO_TCP, seg_len)
-        tcp.segment_into(frame, headers, remote_port, sandbox_port, seqno, ackno, flags,
-                         window, options, len(payload), pseudo)
+        tcp.segment_into(frame, start, remote_port, sandbox_port, seqno, ackno, flags,
+                         window, options, len(payload), pseudo, partial=self.offload)
+        if self.offload:
+            vnet.write_partial(frame, start - self.prefix, tcp.CHECKSUM_OFFSET)
         self._frames.append(frame)
         self.stats["tcp-out"] += 1
 
     def _send_ip(self, src: bytes, dst: bytes, proto: int, body: bytes,
                  hop_limit: int = ipv6.DEFAULT_HOP_LIMIT) -> None:
-        headers = ETH_IP_HEADERS if len(src) == 4 else ETH_IP6_HEADERS
-        frame = bytearray(headers + len(body))
+        start = self.prefix + (ETH_IP_HEADERS if len(src) == 4 else ETH_IP6_HEADERS)
+        frame = bytearray(start + len(body))
         self._write_headers(frame, src, dst, proto, len(body), hop_limit)
-        frame[headers:] = body
+        frame[start:] = body
         self._frames.append(frame)
 
     def _send_icmpv6(self, src: bytes, dst: bytes, icmp_type: int, body: bytes,
@@ -582,14 +600,16 @@ class Interface:
 
     def _write_headers(self, frame: bytearray, src: bytes, dst: bytes, proto: int,
                        payload_len: int, hop_limit: int = ipv6.DEFAULT_HOP_LIMIT) -> None:
+        """Ethernet and IP headers after the (zeroed: no offload) virtio-net header, if any."""
         mac = self.sandbox_mac or ethernet.BROADCAST
+        eth, ip_start = self.prefix, self.prefix + ethernet.HEADER_LEN
         if len(src) == 4:
-            frame[0:ethernet.HEADER_LEN] = ethernet.header(mac, self.config.gateway_mac,
-                                                           ethernet.ETHERTYPE_IPV4)
-            frame[ethernet.HEADER_LEN:ETH_IP_HEADERS] = ipv4.header(
+            frame[eth:ip_start] = ethernet.header(mac, self.config.gateway_mac,
+                                                  ethernet.ETHERTYPE_IPV4)
+            frame[ip_start:ip_start + ipv4.MIN_HEADER_LEN] = ipv4.header(
                 src, dst, proto, payload_len, self._next_ident())
         else:
-            frame[0:ethernet.HEADER_LEN] = ethernet.header(mac, self.config.gateway_mac,
-                                                           ethernet.ETHERTYPE_IPV6)
-            frame[ethernet.HEADER_LEN:ETH_IP6_HEADERS] = ipv6.header(src, dst, proto,
+            frame[eth:ip_start] = ethernet.header(mac, self.config.gateway_mac,
+                                                  ethernet.ETHERTYPE_IPV6)
+            frame[ip_start:ip_start + ipv6.HEADER_LEN] = ipv6.header(src, dst, proto,
                                                                      payload_len, hop_limit)

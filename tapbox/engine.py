@@ -106,7 +106,8 @@ class Engine:
         self.tcp: dict[ev.Flow, _TcpProxy] = {}
         self.udp: dict[ev.Flow, _DatagramRelay] = {}  # UDP and ICMP echo flows
         self.frames_dropped = 0
-        self.faults = FaultInjector(self.config.faults) if self.config.faults else None
+        self.faults = FaultInjector(self.config.faults, self.stack.prefix) \
+            if self.config.faults else None
         self._nursery: trio.Nursery | None = None
         self._timer_scope: trio.CancelScope | None = None
         self.capture: PcapWriter | None = None  # --pcap: every frame read and written (runner)
@@ -140,7 +141,7 @@ class Engine:
                 if not frame:
                     raise EngineError("the TAP device was closed")
                 if self.capture is not None:
-                    self.capture.write(frame)
+                    self.capture.write(memoryview(frame)[self.stack.prefix:])
                 if self.faults is None:
                     receive(frame, now)
                 else:
@@ -203,7 +204,7 @@ class Engine:
         try:
             os.write(self.tap_fd, frame)
             if self.capture is not None:
-                self.capture.write(frame)
+                self.capture.write(memoryview(frame)[self.stack.prefix:])
         except BlockingIOError:
             self.frames_dropped += 1  # TCP recovers; a full TAP queue is congestion
         except OSError as exc:

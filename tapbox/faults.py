@@ -45,8 +45,10 @@ class FaultSpec:
 
 
 class FaultInjector:
-    def __init__(self, spec: FaultSpec) -> None:
+    def __init__(self, spec: FaultSpec, prefix: int = 0) -> None:
+        """`prefix`: bytes of virtio-net header in front of each frame (netstack.wire.vnet)."""
         self.spec = spec
+        self.prefix = prefix
         self.rng = random.Random(spec.seed)
         self.held: list[tuple[float, int, int, bytes]] = []
         self._order = itertools.count()
@@ -58,10 +60,14 @@ class FaultInjector:
         if rng.random() < spec.drop:
             self.counts["dropped"] += 1
             return []
-        if rng.random() < spec.corrupt and len(frame) > 14:
-            index = rng.randrange(14, len(frame))
-            frame = frame[:index] + bytes([frame[index] ^ (1 << rng.randrange(8))]) + \
-                frame[index + 1:]
+        first = self.prefix + 14  # past the Ethernet header
+        if rng.random() < spec.corrupt and len(frame) > first:
+            index = rng.randrange(first, len(frame))
+            damaged = bytearray(frame)
+            damaged[index] ^= 1 << rng.randrange(8)
+            if self.prefix:
+                damaged[0] = 0  # a damaged frame's checksum can't be vouched for: clear the flags
+            frame = bytes(damaged)
             self.counts["corrupted"] += 1
         copies = 2 if rng.random() < spec.dup else 1
         if copies == 2:

@@ -205,10 +205,12 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
         policy = Policy(Allowlist(rules))
     ipv6 = bool(getattr(args, "ipv6_enabled", False))
     dns = DnsForwarder(policy, upstreams, on_event=audit.dns, aaaa=ipv6)
-    config = EngineConfig(interface=InterfaceConfig(mtu=args.mtu, isn_key=os.urandom(16),
-                                                    ipv6=ipv6))
-    if os.environ.get(ENV_VAR):
-        config.faults = FaultSpec.parse(os.environ[ENV_VAR])
+    faults = FaultSpec.parse(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else None
+    # The sandbox's TAP carries virtio-net headers; checksums are left to the kernel unless
+    # the test-only fault seam is on (a corrupted frame must then fail its checksum).
+    config = EngineConfig(faults=faults, interface=InterfaceConfig(
+        mtu=args.mtu, isn_key=os.urandom(16), ipv6=ipv6, vnet_hdr=True,
+        checksum_offload=faults is None))
     engine = Engine(sandbox.tap_fd, policy, dns, audit, config)
     engine.capture = recording.pcap
     attributor = None

@@ -138,6 +138,9 @@ PR_SET_PDEATHSIG = 1
 TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000  # every frame carries a virtio-net header (netstack.wire.vnet)
+TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
+TUN_F_CSUM = 0x01  # we accept frames whose TCP/UDP checksum the kernel left for later
 IFNAMSIZ = 16
 _IFREQ = struct.Struct(f"{IFNAMSIZ}sH22x")  # struct ifreq: name, ifr_flags, union padding (40 B)
 # open_tree(2) / move_mount(2): the same numbers on every architecture (new-style syscalls).
@@ -180,6 +183,7 @@ class SandboxConfig:
     root: bool = False  # --root: uid/gid 0 inside (fakeroot), else the caller's uid/gid numbers
     resolv_conf: str = f"nameserver {DNS_ADDRESS}\n"
     ipv6: bool = False  # also fd00::100/64 on tap0, default route via fd00::2
+    vnet_hdr: bool = True  # IFF_VNET_HDR with checksum offload (the engine must expect it)
 
 
 class _ChildFailure(Exception):
@@ -511,7 +515,7 @@ def _set_up(
     err = libc.mount(None, "/", None, MS_REC | MS_PRIVATE)
     if err:
         raise _ChildFailure(_eperm_failure(f"making mounts private: {os.strerror(err)}", host))
-    tap_fd = _open_tap(host) if config.network else None
+    tap_fd = _open_tap(host, config.vnet_hdr) if config.network else None
     try:
         _remount_sysfs(libc)
         _configure_links(config, host)
@@ -538,7 +542,7 @@ def _write_proc(path: str, content: str, missing_ok: bool = False) -> None:
         os.close(fd)
 
 
-def _open_tap(host: _Host) -> int:
+def _open_tap(host: _Host, vnet_hdr: bool) -> int:
     try:
         fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -557,7 +561,10 @@ def _open_tap(host: _Host) -> int:
             f"tapbox: cannot open {TUN_DEVICE}: {e.strerror}: run tapbox -n to go without network"
         ) from None
     try:
-        fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(TAP_NAME.encode(), IFF_TAP | IFF_NO_PI))
+        flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+        fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(TAP_NAME.encode(), flags))
+        if vnet_hdr:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM)
     except OSError as e:
         os.close(fd)
         if e.errno == errno.EPERM:

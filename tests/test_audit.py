@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import fakenet as fn
+import pytest
 from conftest import CLIENT, REPO_ROOT, RunTapbox, SpawnTapbox, read_line, tapbox_env
 from fakenet import FakeNet
+from test_e2e import NOBODY, rootless_problems
 
 SHORT = 30.0
 PY = sys.executable
@@ -97,6 +102,9 @@ def test_log_holds_every_dns_query_and_flow(run_tapbox: RunTapbox, fakenet: Fake
     assert events[0]["event"] == "start" and events[-1]["event"] == "exit", events
     assert events[0]["mode"] == "enforce" and events[0]["command"][:2] == ["sh", "-c"]
     assert events[-1]["status"] == 0
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert results[2]["result"] == "refused", results  # the denied connect...
+    assert results[2]["seconds"] < 1.0, results  # ...still fails at once with attribution on
 
     # DNS: the allowed name with its answer and rule; the denied name with no rule
     asked = one(dns(events, name="api.example.test", qtype="A"), "A query", events)
@@ -192,6 +200,32 @@ def test_two_concurrent_processes_are_told_apart(run_tapbox: RunTapbox, fakenet:
     assert len(fakenet.connections(port=80)) == 2
 
 
+def test_attribution_works_rootless(run_tapbox: RunTapbox, fakenet: FakeNet) -> None:
+    """As an unprivileged user, /proc still shows tapbox its own sandbox's processes."""
+    if fn.netns_state().mode != "root":
+        pytest.skip("not root: the whole session already runs rootless")
+    problems = rootless_problems()
+    if problems:
+        pytest.fail("cannot run rootless here:\n  - " + "\n  - ".join(problems), pytrace=False)
+    shared = Path(tempfile.mkdtemp(prefix="tapbox-rootless-"))  # pytest's tmp is root-only
+    shared.chmod(0o777)
+    log = shared / "run.jsonl"
+    try:
+        proc = run_tapbox("--log", str(log), user=NOBODY, allow=["api.example.test"],
+                          cmd=["sh", "-c", f"{client('hello', 'api.example.test', '80')}; "
+                                           f"{client('connect', '203.0.113.7', '80')}"],
+                          timeout=SHORT)
+        events = read_log(log) if log.exists() else []
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+    assert proc.returncode == 1, describe(proc)
+    for dst, argv in (("192.0.2.10", ["hello", "api.example.test", "80"]),
+                      ("203.0.113.7", ["connect", "203.0.113.7", "80"])):
+        flow = one(flows(events, dst=dst), dst, events)
+        assert isinstance(flow["process"], dict), flow
+        assert flow["process"]["cmdline"][2:] == argv, flow
+
+
 def test_unknown_process_is_said_not_guessed(run_tapbox: RunTapbox, fakenet: FakeNet,
                                              tmp_path: Path) -> None:
     """A UDP datagram from a process that exits at once: its socket is gone before tapbox
@@ -257,6 +291,34 @@ def test_log_is_written_as_events_happen(spawn_tapbox: SpawnTapbox, fakenet: Fak
     one(flows(events, dst="203.0.113.7", verdict="denied"), "denied flow", events)
     one(flows(events, dst="192.0.2.10", ending="closed"), "hello flow", events)
     one(dns(events, name="api.example.test", qtype="A"), "A query", events)
+
+
+HOLD_SCRIPT = (
+    "import socket, time\n"
+    "s = socket.create_connection(('192.0.2.10', 80), timeout=5)\n"
+    "s.sendall(b'ECHO\\nping')\n"
+    "assert s.recv(4) == b'ping'\n"
+    "print('holding', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_sigterm_to_tapbox_keeps_log_and_summary(spawn_tapbox: SpawnTapbox, fakenet: FakeNet,
+                                                 tmp_path: Path) -> None:
+    log = tmp_path / "run.jsonl"
+    proc = spawn_tapbox("--log", str(log), "--summary", allow=["192.0.2.10:80"],
+                        cmd=[PY, "-c", HOLD_SCRIPT])
+    assert read_line(proc.stdout, SHORT) == "holding\n"
+    proc.send_signal(signal.SIGTERM)  # passed on to the command, which dies of it
+    status = proc.wait(timeout=SHORT)
+    err = proc.stderr.read() if proc.stderr else ""
+    assert status == 143, err
+    events = read_log(log)
+    assert events[-1]["event"] == "exit" and events[-1]["status"] == 143, events
+    held = one(flows(events, dst="192.0.2.10", dport=80), "held flow", events)
+    assert held["bytes_out"] == len(b"ECHO\nping") and held["bytes_in"] == 4
+    assert held["process"]["cmdline"][:2] == [PY, "-c"], held
+    assert "tapbox summary: 1 flow to 1 destination" in err, err
 
 
 def test_bad_log_path_stops_before_the_command(run_tapbox: RunTapbox, tmp_path: Path) -> None:

@@ -267,6 +267,8 @@ def test_missing_resolv_conf_is_a_setup_error(
 # ---------------------------------------------------------------------------------------------
 # The TAP fd
 
+VNET_HEADER_LEN = 10
+
 
 def test_tap_fd_carries_the_sandboxs_frames() -> None:
     send = (
@@ -287,8 +289,10 @@ def test_tap_fd_carries_the_sandboxs_frames() -> None:
                 frame = os.read(sb.tap_fd, 65536)
             except BlockingIOError:
                 continue
-            if frame[12:14] == b"\x08\x06":  # IFF_NO_PI: the frame starts at the Ethernet header
-                arp = frame
+            # IFF_NO_PI | IFF_VNET_HDR: a 10-byte virtio-net header, then the Ethernet header.
+            assert len(frame) >= VNET_HEADER_LEN + 14
+            if frame[VNET_HEADER_LEN + 12:VNET_HEADER_LEN + 14] == b"\x08\x06":
+                arp = frame[VNET_HEADER_LEN:]
         assert arp is not None, "no ARP request seen on the TAP fd"
         oper = struct.unpack_from("!H", arp, 20)[0]
         sender_ip, target_ip = arp[28:32], arp[38:42]

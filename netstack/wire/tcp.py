@@ -25,6 +25,7 @@ OPT_END = 0
 OPT_NOP = 1
 OPT_MSS = 2
 OPT_WSCALE = 3
+CHECKSUM_OFFSET = 16  # of the checksum field within the header
 
 _HDR = struct.Struct("!HHIIBBHHH")
 
@@ -47,15 +48,16 @@ class TcpSegment:
         return len(self.payload) + (1 if self.flags & SYN else 0) + (1 if self.flags & FIN else 0)
 
 
-def parse(data: bytes | memoryview, pseudo_sum: int) -> TcpSegment | str:
-    """The segment, or a drop reason. `pseudo_sum` is the pseudo-header sum for len(data)."""
+def parse(data: bytes | memoryview, pseudo_sum: int, verify: bool = True) -> TcpSegment | str:
+    """The segment, or a drop reason. `pseudo_sum` is the pseudo-header sum for len(data);
+    `verify=False` when the checksum is already vouched for (offload, netstack.wire.vnet)."""
     if len(data) < MIN_HEADER_LEN:
         return "tcp-truncated"
     sport, dport, seq, ack, off, flags, window, _csum, _urg = _HDR.unpack_from(data, 0)
     hlen = (off >> 4) * 4
     if hlen < MIN_HEADER_LEN or hlen > len(data):
         return "tcp-bad-offset"
-    if (pseudo_sum + checksum.ones_sum(data)) % 0xFFFF != 0:
+    if verify and (pseudo_sum + checksum.ones_sum(data)) % 0xFFFF != 0:
         return "tcp-bad-checksum"
     view = memoryview(data)
     seg = TcpSegment(sport, dport, seq, ack, flags, window, view[hlen:])
@@ -95,16 +97,20 @@ def syn_options(mss: int, wscale: int | None) -> bytes:
 
 def segment_into(buf: bytearray, off: int, sport: int, dport: int, seq: int, ack: int,
                  flags: int, window: int, options: bytes, payload_len: int,
-                 pseudo_sum: int) -> None:
+                 pseudo_sum: int, partial: bool = False) -> None:
     """Write header + options at buf[off:] and fill in the checksum.
 
     The payload must already sit right after the options; `pseudo_sum` is the pseudo-header
     sum for the full segment length; `options` is padded to a multiple of four bytes.
+    `partial`: store only the folded pseudo-header sum, for the kernel to complete (offload).
     """
     hlen = MIN_HEADER_LEN + len(options)
     _HDR.pack_into(buf, off, sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, (hlen // 4) << 4,
                    flags, window, 0, 0)
     buf[off + MIN_HEADER_LEN:off + hlen] = options
+    if partial:
+        struct.pack_into("!H", buf, off + CHECKSUM_OFFSET, pseudo_sum % 0xFFFF or 0xFFFF)
+        return
     with memoryview(buf) as view:
         total = pseudo_sum + checksum.ones_sum(view[off:off + hlen + payload_len])
     struct.pack_into("!H", buf, off + 16, checksum.finish(total))

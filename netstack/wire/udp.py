@@ -10,8 +10,8 @@ HEADER_LEN = 8
 _HDR = struct.Struct("!HHHH")
 
 
-def parse(data: bytes | memoryview, pseudo_sum: int,
-          zero_checksum_ok: bool = True) -> tuple[int, int, memoryview] | str:
+def parse(data: bytes | memoryview, pseudo_sum: int, zero_checksum_ok: bool = True,
+          verify: bool = True) -> tuple[int, int, memoryview] | str:
     """(src_port, dst_port, payload) or a drop reason. `pseudo_sum` covers the pseudo-header.
 
     `zero_checksum_ok` is False for IPv6, where the checksum is mandatory (RFC 8200 §8.1).
@@ -25,7 +25,7 @@ def parse(data: bytes | memoryview, pseudo_sum: int,
     # RFC 768: an all-zero checksum field means the sender computed none (IPv4 only).
     if not csum and not zero_checksum_ok:
         return "udp-zero-checksum"
-    if csum and (pseudo_sum + checksum.ones_sum(view)) % 0xFFFF != 0:
+    if csum and verify and (pseudo_sum + checksum.ones_sum(view)) % 0xFFFF != 0:
         return "udp-bad-checksum"
     return sport, dport, view[HEADER_LEN:]
 
