@@ -73,7 +73,7 @@ import socket
 import stat
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -210,11 +210,13 @@ class Sandbox:
         self._trio_waiting = False
 
     @classmethod
-    def spawn(cls, config: SandboxConfig) -> Sandbox:
+    def spawn(cls, config: SandboxConfig,
+              meanwhile: Callable[[], object] | None = None) -> Sandbox:
         """Fork the child and return once it is set up (TAP fd received) and waiting for start().
 
         Call it before trio.run() or any thread starts, from the main thread.
-        Raises SetupError naming cause and fix.
+        `meanwhile` runs in the parent while the child sets up (e.g. the engine's imports: the
+        two overlap on a multi-core machine). Raises SetupError naming cause and fix.
         """
         if not config.argv:
             raise SetupError("tapbox: no command given: usage: tapbox [OPTIONS] -- CMD [ARGS...]")
@@ -242,6 +244,8 @@ class Sandbox:
                 pidfd = None
             sandbox = cls(pid, parent_sock, pidfd)
             try:
+                if meanwhile is not None:
+                    meanwhile()
                 sandbox.tap_fd = sandbox._receive_ready(config.network)
             except BaseException:
                 sandbox.kill()

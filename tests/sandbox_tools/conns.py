@@ -149,6 +149,26 @@ class Runner:
                     self.fail(conn, f"shutdown: {exc}")
 
 
+def diagnostics() -> dict[str, object]:
+    """What the sandbox's kernel knows, for a failure report: tap0 counters, ARP, TCP MIB."""
+    info: dict[str, object] = {}
+    stats = "/sys/class/net/tap0/statistics"
+    try:
+        info["tap0"] = {
+            name: int(open(f"{stats}/{name}").read())
+            for name in ("tx_packets", "tx_dropped", "rx_packets", "rx_dropped")
+        }
+    except OSError as exc:
+        info["tap0"] = str(exc)
+    for key, path in (("arp", "/proc/net/arp"), ("snmp", "/proc/net/snmp")):
+        try:
+            info[key] = [line for line in open(path).read().splitlines()
+                         if key == "arp" or line.startswith("Tcp:")]
+        except OSError as exc:
+            info[key] = str(exc)
+    return info
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="conns.py")
     p.add_argument("host")
@@ -168,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     r.loop_until(lambda: r.count("connecting") == 0)
     result["connected"] = r.count("connected")
     result["connect_seconds"] = round(time.monotonic() - start, 3)
+    if r.count("connected") < args.n:
+        result["diagnostics"] = diagnostics()
 
     t = time.monotonic()
     r.start_echo()
