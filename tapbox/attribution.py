@@ -19,6 +19,10 @@ Denied flows are answered (RST / ICMP unreachable) only once their attribution i
 budget is spent: the refusal makes the kernel drop the socket from its tables, and the process
 usually closes it at once, so afterwards it can no longer be found.
 
+Pings: a ping socket shows the echo identifier as its local port, so it is matched like UDP; a
+raw socket (ping(8) as root) has no identifier and is named only when it is the sandbox's one
+raw ICMP socket.
+
 Limits (best effort): a process that has already closed the socket (or exited) when the scan
 runs is "unknown", never guessed; a socket held by several processes (inherited across fork)
 names the lowest pid and lists the others in `shared_with`; processes tapbox may not inspect
@@ -39,7 +43,7 @@ import trio
 from netstack.events import Flow
 from tapbox.flows import FlowRecord, ProcessInfo
 
-DEFAULT_BUDGET = 0.3  # seconds from a flow's start until its process is given up on
+DEFAULT_BUDGET = 0.5  # seconds from a flow's start until its process is given up on
 MAX_CMDLINE_BYTES = 4096
 MAX_CMDLINE_ARGS = 64
 
@@ -110,16 +114,31 @@ def parse_net_table(text: str) -> list[SocketEntry]:
 
 
 def match_socket(entries: Iterable[SocketEntry], flow: Flow) -> int | None:
-    """The inode of the sandbox socket that sent `flow`, if it is in the table."""
+    """The inode of the sandbox socket that sent `flow`, if it is in the table.
+
+    For "icmp" flows (pings), `flow.sport` is the echo identifier, which a ping socket
+    (/proc/net/icmp) shows as its local port; raw sockets (/proc/net/raw) carry no identifier
+    and are not matched.
+    """
     unconnected = None
     for e in entries:
         if e.local_port != flow.sport:
             continue
         if e.remote_port == flow.dport and e.remote is not None and _same_ip(e.remote, flow.dst):
             return e.inode
-        if flow.proto == "udp" and e.remote_port == 0 and unconnected is None:
-            unconnected = e.inode  # sendto() from an unconnected socket
+        if flow.proto != "tcp" and e.remote_port == 0 and unconnected is None:
+            unconnected = e.inode  # sendto() from an unconnected (UDP or ping) socket
     return unconnected
+
+
+def match_raw(entries: Iterable[SocketEntry], flow: Flow) -> int | None:
+    """A ping sent from a raw socket: /proc/net/raw{,6} shows the protocol (1 ICMP, 58 ICMPv6)
+    as the local port and no identifier, so the socket is named only when it is the one raw
+    ICMP socket that could have sent to `flow.dst`; with several, nothing is guessed."""
+    proto = 58 if ":" in flow.dst else 1
+    found = {e.inode for e in entries if e.local_port == proto
+             and (e.remote in (None, "0.0.0.0", "::") or _same_ip(str(e.remote), flow.dst))}
+    return found.pop() if len(found) == 1 else None
 
 
 def _read(path: str, limit: int = 1 << 22) -> bytes | None:
@@ -172,6 +191,8 @@ class Scanner:
 
     def tables(self, members: list[int], protos: set[str]) -> dict[str, list[SocketEntry]]:
         """proto -> the sandbox's sockets of that protocol (v4 and v6 tables together)."""
+        if "icmp" in protos:
+            protos = protos | {"raw"}  # ping(8) as root uses a raw socket, not a ping socket
         for pid in members:
             out: dict[str, list[SocketEntry]] = {}
             for proto in protos:
@@ -214,7 +235,9 @@ class Scanner:
         deadline = max(d for _, d in flows)
         members = self.members(deadline)
         tables = self.tables(members, {flow.proto for flow, _ in flows})
-        inodes = [match_socket(tables.get(flow.proto, ()), flow) for flow, _ in flows]
+        inodes = [match_socket(tables.get(flow.proto, ()), flow)
+                  or (match_raw(tables.get("raw", ()), flow) if flow.proto == "icmp" else None)
+                  for flow, _ in flows]
         holders, complete = self.holders(members, {i for i in inodes if i}, deadline)
         out = []
         for inode in inodes:
@@ -257,6 +280,9 @@ class Attributor:
         self._running = True
         task_status.started()
         try:
+            # Start the worker thread now (trio keeps idle ones a while): a first flow would
+            # otherwise pay for the thread's creation out of its budget.
+            await trio.to_thread.run_sync(lambda: None)
             while True:
                 await self._wakeup.wait()
                 self._wakeup = trio.Event()

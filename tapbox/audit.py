@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from tapbox.summary import Summary
 
 SummaryMode = Literal["auto", "always", "never"]
-AUDIT_RULE_TEXT = "no rule (audit)"  # tapbox.auditpolicy.WOULD_DENY's text
+AUDIT_RULE_TEXT = "no rule (audit)"  # the text of tapbox.auditpolicy.WOULD_DENY
 
 
 class Audit:

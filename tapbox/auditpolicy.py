@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from tapbox.allowlist import Allowlist, IPAddress, Rule, normalize_address
+from tapbox.audit import AUDIT_RULE_TEXT
 from tapbox.policy import Decision, Policy, is_guarded
 
 
@@ -33,7 +34,7 @@ class _WouldDenyRule(Rule):
     would_deny: ClassVar[bool] = True
 
 
-WOULD_DENY = _WouldDenyRule("wildcard", "no rule (audit)", "audit", None, None, None)
+WOULD_DENY = _WouldDenyRule("wildcard", AUDIT_RULE_TEXT, "audit", None, None, None)
 
 
 class AuditPolicy(Policy):

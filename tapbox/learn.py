@@ -7,7 +7,8 @@ it: every flow that was allowed or would have been denied is "used". A flow whos
 from DNS is remembered by the name that was asked (never the CDN address behind it), one rule
 per name and port (`api.example.com:443`); a flow to an address the command never resolved is
 remembered by the address and port (`192.0.2.10:8080`, `[2001:db8::1]:443`). A name that was
-resolved but never connected to is written as a bare name (DNS has no port), with a comment.
+resolved but never connected to is written as a bare name (DNS has no port), with a comment; so
+is a destination that was pinged (ICMP has no port: only a rule without one admits a ping).
 Flows that stay refused even in audit mode (the sandbox's own network, addresses the rebinding
 guard keeps out) are not learned.
 
@@ -30,6 +31,7 @@ from tapbox.allowlist import Allowlist, AllowlistError, Rule, load_file, parse_r
 from tapbox.flows import FlowRecord
 
 RESOLVED_ONLY_NOTE = "resolved only, never connected to (a name rule admits every port)"
+PING_NOTE = "pinged (ICMP has no port: the rule admits every port)"
 
 
 @dataclass(frozen=True, order=True)
@@ -56,17 +58,18 @@ class Learner:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.access(directory, os.W_OK):
             raise AllowlistError(f"--learn {path}: cannot write to {directory}")
-        self.flows: set[tuple[str, str, int]] = set()  # ("name"|"ip", host, port)
+        self.flows: set[tuple[str, str, int]] = set()  # ("name"|"ip", host, port or 0)
         self.resolved: set[str] = set()
 
     def flow(self, record: FlowRecord) -> None:
         if not (record.allowed or record.would_deny):
             return
         flow = record.flow
+        port = 0 if flow.proto == "icmp" else flow.dport  # pings: only a port-less rule admits
         if record.name:
-            self.flows.add(("name", record.name, flow.dport))
+            self.flows.add(("name", record.name, port))
         else:
-            self.flows.add(("ip", str(ipaddress.ip_address(flow.dst)), flow.dport))
+            self.flows.add(("ip", str(ipaddress.ip_address(flow.dst)), port))
 
     def dns(self, name: str, verdict: str) -> None:
         if name and verdict in ("allowed", "would-deny"):
@@ -77,13 +80,17 @@ class Learner:
     def used(self) -> list[_Used]:
         out: set[_Used] = set()
         connected = {host for kind, host, _ in self.flows if kind == "name"}
+        anyport = {host for _, host, port in self.flows if port == 0}
         for kind, host, port in self.flows:
+            if port and host in anyport:
+                continue  # the port-less rule a ping needed admits this port too
+            note = "" if port else PING_NOTE
             if kind == "name":
-                out.add(_Used((0, _name_key(host), port), rule_text(host, port, True)))
+                out.add(_Used((0, _name_key(host), port), rule_text(host, port, True), note))
             else:
                 ip = ipaddress.ip_address(host)
                 out.add(_Used((ip.version // 2 - 1, f"{int(ip):040d}", port),
-                              rule_text(host, port, False)))
+                              rule_text(host, port, False), note))
         for name in self.resolved - connected:
             out.add(_Used((0, _name_key(name), 0), name, RESOLVED_ONLY_NOTE))
         return sorted(out)

@@ -80,7 +80,13 @@ def show(path: str, *, denied: bool = False, domain: str | None = None,
             if kind == "flow_end" or key not in by_id:
                 by_id[key] = event
     summary = Summary()
-    for event in by_id.values():
+    for event in list(by_id.values()):
+        try:
+            int(event.get("dport", 0)), int(event.get("bytes_out", 0))
+            int(event.get("bytes_in", 0)), float(event.get("start", 0))
+        except (TypeError, ValueError):
+            del by_id[event.get("id")]  # a damaged line: left out rather than fail
+            continue
         summary.add_flow(domain=event.get("domain"), dst=str(event.get("dst", "?")),
                          proto=str(event.get("proto", "?")), dport=int(event.get("dport", 0)),
                          verdict=str(event.get("verdict", "denied")), rule=_rule(event),

@@ -243,6 +243,9 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
             nursery.cancel_scope.cancel()
     except EngineError as exc:
         audit.say(f"the network engine failed ({exc}); the command was stopped")
+        if recording.learner is not None:
+            audit.say(f"learn: the run did not complete; {recording.learner.path} left as it was")
+            recording.learner = None
         status = EXIT_TAPBOX_FAILED
     finally:
         os.close(sandbox.tap_fd)

@@ -69,7 +69,7 @@ class Summary:
     def add_flow(self, *, domain: str | None, dst: str, proto: str, dport: int, verdict: str,
                  rule: str | None, reason: str, bytes_out: int = 0, bytes_in: int = 0) -> None:
         row = self._row(domain or dst)
-        row.ports.add(f"{proto}/{dport}")
+        row.ports.add(proto if proto == "icmp" else f"{proto}/{dport}")
         row.bytes_out += bytes_out
         row.bytes_in += bytes_in
         if verdict == "allowed":

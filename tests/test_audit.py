@@ -226,6 +226,21 @@ def test_attribution_works_rootless(run_tapbox: RunTapbox, fakenet: FakeNet) -> 
         assert flow["process"]["cmdline"][2:] == argv, flow
 
 
+def test_a_ping_names_its_process(run_tapbox: RunTapbox, fakenet: FakeNet,
+                                 tmp_path: Path) -> None:
+    """client.py ping uses a raw socket (the sandbox's root has CAP_NET_RAW there): with one
+    such socket in the sandbox, the ping is attributed to it."""
+    log = tmp_path / "run.jsonl"
+    proc = run_tapbox("--log", str(log), cmd=["sh", "-c", client("ping", "203.0.113.7")],
+                      allow_file_text="192.0.2.10\n", timeout=SHORT)
+    assert proc.returncode == 1, describe(proc)  # denied: unreachable
+    events = read_log(log)
+    ping = one(flows(events, proto="icmp", dst="203.0.113.7"), "ping", events)
+    assert ping["verdict"] == "denied" and ping["dport"] == 0
+    assert isinstance(ping["process"], dict), ping
+    assert ping["process"]["cmdline"][1:] == [str(CLIENT), "ping", "203.0.113.7"], ping
+
+
 def test_unknown_process_is_said_not_guessed(run_tapbox: RunTapbox, fakenet: FakeNet,
                                              tmp_path: Path) -> None:
     """A UDP datagram from a process that exits at once: its socket is gone before tapbox

@@ -19,6 +19,7 @@ from tapbox.attribution import (
     UNKNOWN_GONE,
     Scanner,
     SocketEntry,
+    match_raw,
     match_socket,
     namespace_of,
     parse_net_table,
@@ -70,6 +71,18 @@ def test_unconnected_udp_matches_by_local_port() -> None:
     assert match_socket(entries, Flow("udp", "10.0.2.100", 5000, "192.0.2.10", 53)) == 11
     assert match_socket(entries, Flow("udp", "10.0.2.100", 5001, "192.0.2.10", 53)) == 12
     assert match_socket(entries, Flow("tcp", "10.0.2.100", 5000, "192.0.2.10", 53)) is None
+
+
+def test_pings_match_ping_sockets_and_a_lone_raw_socket() -> None:
+    ping = Flow("icmp", "10.0.2.100", 0x1234, "192.0.2.10", 0)
+    assert match_socket([SocketEntry(0x1234, "0.0.0.0", 0, 21)], ping) == 21
+    assert match_socket([SocketEntry(0x1235, "0.0.0.0", 0, 21)], ping) is None
+    raw_v4, raw_v6 = SocketEntry(1, "0.0.0.0", 0, 31), SocketEntry(58, "::", 0, 32)
+    assert match_raw([raw_v4, raw_v6], ping) == 31
+    assert match_raw([raw_v4, raw_v6], Flow("icmp", "fd00::100", 7, "2001:db8::10", 0)) == 32
+    other = SocketEntry(1, "0.0.0.0", 0, 33)
+    assert match_raw([raw_v4, other], ping) is None  # two candidates: no guess
+    assert match_raw([SocketEntry(6, "0.0.0.0", 0, 34)], ping) is None  # raw TCP
 
 
 def _scanner() -> Scanner:
@@ -183,6 +196,13 @@ def test_summary_marks_audit_mode() -> None:
     assert not summary.denied_anything
 
 
+def test_summary_pings_have_no_port() -> None:
+    summary = Summary()
+    summary.add_flow(domain=None, dst="192.0.2.10", proto="icmp", dport=0, verdict="allowed",
+                     rule="192.0.2.10", reason="rule 192.0.2.10")
+    assert summary.render()[2].split()[:2] == ["192.0.2.10", "icmp"]
+
+
 @pytest.mark.parametrize(("n", "text"), [(0, "0"), (999, "999"), (1000, "1.0K"),
                                          (1536, "1.5K"), (200 * 1024, "200K"),
                                          (5 * 1024**3, "5.0G")])
@@ -292,6 +312,8 @@ def test_learner_rules_sorted_and_merged(tmp_path: Path) -> None:
                             (None, "192.0.2.9", 8080)):
         learner.flow(_record(flow=Flow("tcp", "10.0.2.100", 1, dst, port), name=name))
     learner.flow(_record(allowed=False, flow=Flow("tcp", "10.0.2.100", 1, "10.0.2.2", 80)))
+    learner.flow(_record(flow=Flow("icmp", "10.0.2.100", 77, "198.51.100.7", 0)))
+    learner.flow(_record(flow=Flow("tcp", "10.0.2.100", 1, "198.51.100.7", 22)))  # pinged too
     learner.dns("b.example.test", "allowed")
     learner.dns("c.example.test", "would-deny")
     learner.dns("d.example.test", "denied")
@@ -299,14 +321,15 @@ def test_learner_rules_sorted_and_merged(tmp_path: Path) -> None:
     assert bad == []
     assert [u.text for u in add] == ["b.example.test:80", "c.example.test",
                                      "a.other.test:80", "192.0.2.9:8080", "192.0.2.10:8080",
-                                     "[2001:db8::10]:443"]
+                                     "198.51.100.7", "[2001:db8::10]:443"]
+    assert add[5].comment.startswith("pinged")
     report = learner.write(0)
-    assert report == [f"learn: added 6 rules to {path}: " + ", ".join(u.text for u in add)]
+    assert report == [f"learn: added 7 rules to {path}: " + ", ".join(u.text for u in add)]
     text = path.read_text()
     assert text.startswith("*.example.test:443\n\n# added by tapbox --learn")
     assert "c.example.test  # resolved only" in text
     from tapbox.allowlist import load_file
-    assert len(load_file(str(path))) == 7
+    assert len(load_file(str(path))) == 8
 
 
 # ------------------------------------------------------------------------------------------------
