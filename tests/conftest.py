@@ -182,6 +182,27 @@ class SpawnTapbox(Protocol):
     ) -> subprocess.Popen[str]: ...
 
 
+def _start_tapbox(
+    tmp_path: Path,
+    args: Sequence[str],
+    cmd: Sequence[str],
+    *,
+    stdin: int,
+    allow_file_text: str | None,
+    allow: Sequence[str],
+    user: int | None,
+    env: Mapping[str, str] | None,
+    dns_upstream: str | None,
+) -> subprocess.Popen[str]:
+    """Start `python -m tapbox ... -- CMD` in its own session with stdout/stderr piped."""
+    require_netns()
+    argv = build_tapbox_argv(tmp_path, args, cmd, allow_file_text=allow_file_text, allow=allow,
+                             user=user, dns_upstream=dns_upstream)
+    return subprocess.Popen(argv, cwd=REPO_ROOT, env=tapbox_env(env), stdin=stdin,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
 @pytest.fixture
 def run_tapbox(tmp_path: Path) -> RunTapbox:
     def run(
@@ -195,26 +216,11 @@ def run_tapbox(tmp_path: Path) -> RunTapbox:
         env: Mapping[str, str] | None = None,
         dns_upstream: str | None = DNS_UPSTREAM,
     ) -> subprocess.CompletedProcess[str]:
-        require_netns()
-        argv = build_tapbox_argv(
-            tmp_path,
-            args,
-            cmd,
-            allow_file_text=allow_file_text,
-            allow=allow,
-            user=user,
-            dns_upstream=dns_upstream,
-        )
-        proc = subprocess.Popen(
-            argv,
-            cwd=REPO_ROOT,
-            env=tapbox_env(env),
+        proc = _start_tapbox(
+            tmp_path, args, cmd,
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+            allow_file_text=allow_file_text, allow=allow, user=user, env=env,
+            dns_upstream=dns_upstream)
         try:
             out, err = proc.communicate(input=input, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -222,10 +228,10 @@ def run_tapbox(tmp_path: Path) -> RunTapbox:
             out, err = proc.communicate()
             pytest.fail(
                 f"tapbox did not finish within {timeout} s (killed)\n"
-                f"argv: {argv}\nstdout:\n{out}\nstderr:\n{err}",
+                f"argv: {proc.args}\nstdout:\n{out}\nstderr:\n{err}",
                 pytrace=False,
             )
-        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     return run
 
@@ -243,26 +249,9 @@ def spawn_tapbox(tmp_path: Path) -> Iterator[SpawnTapbox]:
         env: Mapping[str, str] | None = None,
         dns_upstream: str | None = DNS_UPSTREAM,
     ) -> subprocess.Popen[str]:
-        require_netns()
-        argv = build_tapbox_argv(
-            tmp_path,
-            args,
-            cmd,
-            allow_file_text=allow_file_text,
-            allow=allow,
-            user=user,
-            dns_upstream=dns_upstream,
-        )
-        proc = subprocess.Popen(
-            argv,
-            cwd=REPO_ROOT,
-            env=tapbox_env(env),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+        proc = _start_tapbox(tmp_path, args, cmd, stdin=subprocess.DEVNULL,
+                             allow_file_text=allow_file_text, allow=allow, user=user, env=env,
+                             dns_upstream=dns_upstream)
         procs.append(proc)
         return proc
 
