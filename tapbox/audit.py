@@ -176,7 +176,10 @@ class Audit:
             self._print(f"denied {flow} ({record.reason}){who}")
         elif not self.quiet and key not in self._denied_seen:
             self._denied_seen.add(key)
-            self._print(f"denied {flow}")
+            # A refusal for another reason than the allowlist (a limit, the rebinding guard)
+            # says so, lest the user think the allowlist is wrong.
+            why = "" if record.reason == "no rule" else f" ({record.reason})"
+            self._print(f"denied {flow}{why}")
 
     def _ended(self, record: FlowRecord) -> None:
         if self.log is not None:

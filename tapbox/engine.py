@@ -168,10 +168,18 @@ class Engine:
             self._service()
 
     async def drain(self, idle: float = 0.05) -> None:
-        """Return once no TCP connection is left (data still in flight from a command that
-        already exited — its kernel keeps sending after close — reaches the host first)."""
-        while self.tcp:
+        """Return once no TCP connection with the sandbox is left (data still in flight from
+        a command that already exited — its kernel keeps sending after close — reaches the host
+        first). Host connects still pending have nothing to deliver and do not count."""
+        while any(self.stack.connection(flow) is not None for flow in self.tcp):
             await trio.sleep(idle)
+
+    def drop_counts(self) -> dict[str, int]:
+        """Frames dropped so far, by reason (the stack's, plus a full TAP queue)."""
+        counts = dict(self.stack.drops)
+        if self.frames_dropped:
+            counts["tap-queue-full"] = self.frames_dropped
+        return counts
 
     def _set_timer(self) -> None:
         if self._timer_scope is not None:

@@ -55,6 +55,18 @@ def host_has_ipv6() -> bool:
         return False
 
 
+def _raise_fd_limit() -> None:
+    """Every proxied connection holds a host socket: allow as many as the hard limit does."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def _import_engine() -> None:
     """The engine's imports (trio, dnspython, the stack): done while the sandbox child sets
     itself up, so the two costs overlap instead of adding up."""
@@ -163,6 +175,7 @@ def _run_sandbox(args: argparse.Namespace, network: bool, rules: list[Rule] | No
         forwarder.restore()
         raise
     forwarder.start(sandbox.pid)
+    _raise_fd_limit()  # after the fork: the command keeps the limits it was given
     try:
         if not network:
             sandbox.start()
@@ -249,6 +262,10 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
         status = EXIT_TAPBOX_FAILED
     finally:
         os.close(sandbox.tap_fd)
+        drops = engine.drop_counts()
+        if args.verbose and drops:
+            audit.say("frames dropped: " + ", ".join(f"{reason} {count}" for reason, count
+                                                     in sorted(drops.items())))
         _finish(audit, recording, status)
     return _learn(audit, recording, status)
 

@@ -49,7 +49,7 @@ def parse(pkt: bytes | memoryview) -> Ipv6Header | str:
         return "ipv6-bad-length"
     end = HEADER_LEN + plen
     offset = HEADER_LEN
-    for _ in range(MAX_EXTENSIONS):
+    for _ in range(MAX_EXTENSIONS + 1):  # up to MAX_EXTENSIONS headers, then the upper layer
         if nxt not in _SKIPPABLE:
             break
         if offset + 2 > end:

@@ -11,10 +11,13 @@ connection really is open at the same time and really moves data:
 3. half-close all of them and read until the server's EOF.
 
 The echo of each connection is compared with what it sent. RLIMIT_NOFILE is raised to what
-N sockets need first. Prints one JSON line: counts, phase timings, and the failures (at most
-a few, by connection index) if any; exit status 0 only if all N echoes were right.
+N sockets need first, then a ``{"event": "ready"}`` line is printed and the tool sits idle for
+--settle seconds (so the caller can sample tapbox idle). At the end it prints one JSON line:
+counts, phase timings, and the failures (at most a few, by connection index) if any, with the
+sandbox kernel's view (tap0 counters, ARP, TCP MIB) if not every connection came up; exit
+status 0 only if all N echoes were right.
 
-    conns.py HOST PORT[,PORT...] N [--size BYTES] [--timeout SECONDS] [--hold SECONDS]
+    conns.py HOST PORT[,PORT...] N [--size BYTES] [--timeout SECONDS] [--settle S] [--hold S]
 """
 
 from __future__ import annotations
@@ -176,11 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("n", type=int)
     p.add_argument("--size", type=int, default=4000, help="payload bytes (plus index %% 97)")
     p.add_argument("--timeout", type=float, default=90.0)
+    p.add_argument("--settle", type=float, default=0.3,
+                   help="seconds to sit idle after printing the ready line (for sampling)")
     p.add_argument("--hold", type=float, default=0.0,
                    help="seconds to keep all connections open after the echoes (for sampling)")
     args = p.parse_args(argv)
     ports = [int(x) for x in args.ports.split(",")]
     limits = raise_nofile(args.n + 64)
+    print(json.dumps({"event": "ready"}), flush=True)
+    time.sleep(args.settle)
     start = time.monotonic()
     r = Runner(args.host, ports, args.n, args.size, start + args.timeout)
     result: dict[str, object] = {"n": args.n, "nofile": list(limits)}

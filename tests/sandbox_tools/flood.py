@@ -8,14 +8,22 @@ template per target (Ethernet to the gateway's MAC, IPv4 from 10.0.2.100, then T
 then per frame only the source port and the transport checksum change. The checksum is the
 template's one's-complement sum taken once without the port, plus the port, folded.
 
-Meanwhile a thread runs ``client.py get HOST PORT N`` transfers back to back (each a separate
-process, as an ordinary program would) from before the first flood frame until the flood is
-over, so at least one transfer overlaps the flood. Prints one JSON line: frames sent, send
-errors (ENOBUFS when the queue towards tapbox is full), the flood's duration and rate, tap0's
-counters before/after, and every transfer's result with its start and end time.
+Pacing (--window, default 256): tap0's queue towards tapbox holds about 1,000 frames and the
+sender outruns tapbox by far (about 500,000 frames/s against tens of thousands), so unpaced,
+nearly all frames die in that queue. The tool therefore keeps at most --window frames queued
+(tap0's tx_packets counts the frames tapbox has read, tx_dropped the ones the queue dropped):
+every frame reaches the stack, as fast as tapbox takes them. --window 0 sends unpaced.
+
+Meanwhile a thread runs ``client.py get HOST PORT N`` transfers (each a separate process, as an
+ordinary program would, --pause seconds apart) from before the first flood frame until the flood
+is over, so at least one transfer overlaps the flood. Prints a ``{"event": "ready"}`` line and
+sits idle for --settle seconds first (so the caller can sample tapbox idle), then, at the end,
+one JSON line: frames sent, send errors, the flood's duration and rate, tap0's counters
+before/after, and every transfer's result with its start and end time.
 
     flood.py --target tcp:203.0.113.7:80 [--target udp:192.0.2.10:5353:64 ...] --count 100000
-             [--transfer 192.0.2.10:80:5000000 --client /path/to/client.py]
+             [--transfer 192.0.2.10:80:5000000 --client /path/to/client.py] [--window W]
+             [--exit N]
 
 A target is PROTO:ADDR:PORT[:SPORTS]; SPORTS = how many distinct source ports to cycle through
 (default: a random port in 1024-65535 for every frame). Frames go round-robin over targets.
@@ -27,6 +35,7 @@ import argparse
 import errno
 import fcntl
 import json
+import os
 import random
 import socket
 import struct
@@ -138,9 +147,10 @@ def tap_counters() -> dict[str, int]:
 class Transfers(threading.Thread):
     """``client.py get`` back to back until told to stop (and at least once)."""
 
-    def __init__(self, client: str, host: str, port: int, n: int) -> None:
+    def __init__(self, client: str, host: str, port: int, n: int, pause: float) -> None:
         super().__init__(daemon=True)
         self.argv = [sys.executable, client, "get", host, str(port), str(n)]
+        self.pause = pause
         self.stop = threading.Event()
         self.started_one = threading.Event()
         self.results: list[dict[str, Any]] = []
@@ -151,7 +161,12 @@ class Transfers(threading.Thread):
             proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True)
             self.started_one.set()
-            out, err = proc.communicate(timeout=120)
+            try:
+                out, err = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+                err += "\n(killed after 120 s)"
             end = time.monotonic()
             try:
                 result = json.loads(out.strip().splitlines()[-1])
@@ -159,36 +174,76 @@ class Transfers(threading.Thread):
                 result = {"error": "no JSON", "stdout": out[-500:]}
             result.update(status=proc.returncode, start=start, end=end, stderr=err[-500:])
             self.results.append(result)
-            if self.stop.is_set():
+            if self.stop.wait(self.pause):
                 return
 
 
-def flood(frames: list[bytes]) -> dict[str, Any]:
+class Counter:
+    """One of tap0's counters, re-read cheaply (sysfs attributes re-read with pread at 0)."""
+
+    def __init__(self, name: str) -> None:
+        self.fd = os.open(f"/sys/class/net/{IFNAME}/statistics/{name}", os.O_RDONLY)
+
+    def read(self) -> int:
+        return int(os.pread(self.fd, 32, 0))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def flood(frames: list[bytes], window: int) -> dict[str, Any]:
+    """Send every frame; with a window, keep at most that many queued towards tapbox.
+
+    tap0's tx_packets counts the frames tapbox has read and tx_dropped those the full queue
+    dropped, so frames sent minus both is what still waits in the queue. Without a window the
+    frames go as fast as the socket takes them and most die in the queue (counted).
+    """
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     sock.bind((IFNAME, 0))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     send = sock.send
     errors: dict[str, int] = {}
+    tx, dropped = Counter("tx_packets"), Counter("tx_dropped")
     before = tap_counters()
+    tx0, dropped0 = tx.read(), dropped.read()
+    total, sent, waits = len(frames), 0, 0
     start = time.monotonic()
-    for frame in frames:
-        try:
-            send(frame)
-        except OSError as exc:
-            name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-            errors[name] = errors.get(name, 0) + 1
+    while sent < total:
+        burst = total - sent
+        if window:
+            queued = sent - (tx.read() - tx0) - (dropped.read() - dropped0)
+            burst = min(burst, window - queued, 64)
+            if burst <= 0:
+                waits += 1
+                time.sleep(0.0001)
+                continue
+        for frame in frames[sent:sent + burst]:
+            try:
+                send(frame)
+            except OSError as exc:
+                name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                errors[name] = errors.get(name, 0) + 1
+        sent += burst
     end = time.monotonic()
     sock.close()
-    time.sleep(0.2)  # let the queue towards tapbox drain before reading the counters
+    deadline = time.monotonic() + 10  # let the queue drain before reading the counters
+    while time.monotonic() < deadline and \
+            tx.read() - tx0 + dropped.read() - dropped0 < total:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    tx.close()
+    dropped.close()
     after = tap_counters()
     seconds = max(end - start, 1e-6)
     return {
-        "frames": len(frames),
+        "frames": total,
+        "window": window,
         "send_errors": errors,
         "start": start,
         "end": end,
         "seconds": round(seconds, 3),
-        "rate_pps": round(len(frames) / seconds),
+        "rate_pps": round(total / seconds),
+        "waits": waits,
         "tap0_delta": {k: after[k] - before.get(k, 0) for k in after},
     }
 
@@ -200,9 +255,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=100_000)
     p.add_argument("--transfer", help="HOST:PORT:N for client.py get during the flood")
     p.add_argument("--client", help="path of tests/client.py")
+    p.add_argument("--pause", type=float, default=1.0,
+                   help="seconds between two transfers (the flood gets the engine meanwhile)")
+    p.add_argument("--settle", type=float, default=0.3,
+                   help="seconds to sit idle after printing the ready line (for sampling)")
+    p.add_argument("--exit", type=int, default=0, help="exit status once done")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--window", type=int, default=256,
+                   help="frames queued towards tapbox at most (0: unpaced, as fast as possible)")
     args = p.parse_args(argv)
     random.seed(args.seed)
+    print(json.dumps({"event": "ready"}), flush=True)
+    time.sleep(args.settle)
 
     mac = interface_mac()
     templates = []
@@ -218,17 +282,17 @@ def main(argv: list[str] | None = None) -> int:
     transfers = None
     if args.transfer:
         host, port, n = args.transfer.rsplit(":", 2)
-        transfers = Transfers(args.client or "client.py", host, int(port), int(n))
+        transfers = Transfers(args.client or "client.py", host, int(port), int(n), args.pause)
         transfers.start()
         transfers.started_one.wait(30)
         time.sleep(0.05)  # the first transfer is under way (its process is starting)
-    result["flood"] = flood(frames)
+    result["flood"] = flood(frames, args.window)
     if transfers is not None:
         transfers.stop.set()
         transfers.join(timeout=300)
         result["transfers"] = transfers.results
     print(json.dumps(result), flush=True)
-    return 0
+    return args.exit
 
 
 if __name__ == "__main__":
