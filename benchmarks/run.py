@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """tapbox vs. slirp4netns (and pasta): one command, one hermetic topology, one table.
 
-    sudo python3 benchmarks/run.py            # full run (~12 minutes on 2 cores)
-    sudo python3 benchmarks/run.py --quick    # smoke check (~2 minutes)
+    sudo python3 benchmarks/run.py            # full run (about 11 minutes on 2 cores)
+    sudo python3 benchmarks/run.py --quick    # smoke check (about 1 minute)
 
 Theory of operation
 -------------------
@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import ctypes
 import datetime
+import functools
 import json
 import os
 import platform
@@ -515,6 +516,7 @@ class Env:
     params: Params
     have_pasta: bool
     notes: list[str] = field(default_factory=list)
+    quiet_wait: float = 0.0
 
 
 # ================================================================================================
@@ -550,7 +552,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("rss_idle", "host-side RSS idle (MB)", "{:.1f}", "lower"),
     Metric("rss_1000", "host-side RSS, 1,000 conns open (MB)", "{:.1f}", "lower"),
 )
-BULK = (("up1", []), ("up4", ["-P", "4"]), ("down1", ["-R"]), ("down4", ["-R", "-P", "4"]))
+BULK: tuple[tuple[str, list[str]], ...] = (
+    ("up1", []), ("up4", ["-P", "4"]), ("down1", ["-R"]), ("down4", ["-R", "-P", "4"]))
 
 
 @dataclass
@@ -627,7 +630,7 @@ def measure_session(sb: Sandbox, env: Env, results: Results, log: Callable[[str]
         time.sleep(0.3)
         attempt(["rss_idle"], lambda: [proc_rss_mb(host_pid)])
         for key, extra in BULK:
-            attempt([key, f"cpu_{key}"], lambda extra=extra: bulk(sb, env, extra))
+            attempt([key, f"cpu_{key}"], functools.partial(bulk, sb, env, extra))
     if host_pid is None:
         attempt(["lat_p50", "lat_p99"], lambda: pingpong(sb, p.pingpong_count)[:2])
         attempt(["connrate"], lambda: connrate(sb, p.connrate_seconds)[:1])
@@ -826,6 +829,8 @@ def measure_startup(env: Env, results: Results, configs: Sequence[Config],
     if not tools:
         return
     for i in range(env.params.startup_runs):
+        if env.quiet_wait > 0:
+            wait_quiet(min(env.quiet_wait, 30.0), log)
         for column, fn in tools[i % len(tools):] + tools[:i % len(tools)]:
             for key, cmd, first in (("startup", ["true"], False), ("ttfb", curl, True)):
                 try:
@@ -948,7 +953,7 @@ def _cell_text(results: Results, metric: Metric, column: str, planned: int) -> s
     return text
 
 
-def render_table(results: Results, columns: list[str], ratios: list[str],
+def render_table(results: Results, columns: Sequence[str], ratios: Sequence[str],
                  params: Params) -> list[str]:
     head = ["metric (median)", *columns, *(f"tapbox/{c}" for c in ratios), "better"]
     rows = [head, ["---"] + ["---:"] * (len(head) - 2) + ["---"]]
@@ -1063,7 +1068,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="tapbox vs. slirp4netns/pasta, hermetic (a throwaway network namespace).")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke check: 1 round, 1 s transfers, 3 start-ups (~2 minutes)")
+                        help="smoke check: 1 round, 1 s transfers, 3 start-ups (about 1 minute)")
     parser.add_argument("--rounds", type=int, help="rounds per configuration (default 5)")
     parser.add_argument("--tools", default="tapbox,slirp4netns,pasta",
                         help="comma-separated tools to run (default: all installed)")
@@ -1071,6 +1076,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="also run py-spy on tapbox during up/down/connrate/ping-pong and "
                              "write raw stacks and a summary to DIR")
     parser.add_argument("--json", metavar="FILE", help="write every sample to FILE")
+    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
+                        help="before each session, wait up to SECONDS for other processes on "
+                             "the machine to go quiet (< 0.3 cores); default 0: do not wait")
     parser.add_argument("--max-minutes", type=float, default=45.0,
                         help="stop (cleaning up) if the whole run takes longer (default 45)")
     parser.add_argument("--tapbox", default=None,
@@ -1146,6 +1154,29 @@ def cpu_snapshot() -> tuple[float, float, float]:
     return busy, t.user + t.system + t.children_user + t.children_system, time.monotonic()
 
 
+def machine_busy(seconds: float) -> float:
+    """Cores busy on the whole machine over the next `seconds`."""
+    def snap() -> tuple[int, int]:
+        values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return sum(values) - values[3] - values[4], sum(values)
+
+    busy0, all0 = snap()
+    time.sleep(seconds)
+    busy1, all1 = snap()
+    return (busy1 - busy0) / max(1, all1 - all0) * (os.cpu_count() or 1)
+
+
+def wait_quiet(limit: float, log: Callable[[str], None], threshold: float = 0.3) -> None:
+    """Between sessions (our own processes idle): wait up to `limit` seconds until the machine
+    is quiet, i.e. other processes use less than `threshold` cores over a second."""
+    deadline = time.monotonic() + limit
+    busy = machine_busy(1.0)
+    while busy >= threshold and time.monotonic() < deadline:
+        busy = machine_busy(1.0)
+    if busy >= threshold:
+        log(f"  machine still busy ({busy:.2f} cores) after waiting {limit:.0f} s: going on")
+
+
 def other_load(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
     wall = max(1e-6, after[2] - before[2])
     return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / wall
@@ -1164,7 +1195,7 @@ def _main(args: argparse.Namespace, params: Params, tools: list[str], procs: Pro
     servers = Servers(procs, workdir)
     servers.start()
     have_pasta = shutil.which("pasta") is not None and "pasta" in tools
-    env = Env(workdir, tapbox, procs, servers, params, have_pasta, notes)
+    env = Env(workdir, tapbox, procs, servers, params, have_pasta, notes, args.quiet_wait)
     if "pasta" in tools and shutil.which("pasta") is None:
         notes.append("pasta is not installed: no pasta column")
     configs = [Config("tapbox", 65520), Config("tapbox", 1500)] if "tapbox" in tools else []
@@ -1181,6 +1212,8 @@ def _main(args: argparse.Namespace, params: Params, tools: list[str], procs: Pro
     for rnd in range(params.rounds):
         shift = rnd % max(1, len(configs))
         for config in configs[shift:] + configs[:shift]:
+            if args.quiet_wait > 0:
+                wait_quiet(args.quiet_wait, log)
             log(f"round {rnd + 1}/{params.rounds}: {config.column}")
             run_one_session(config, env, results, log)
         log(f"round {rnd + 1}/{params.rounds}: direct (DNS without a sandbox)")
@@ -1204,6 +1237,7 @@ def _main(args: argparse.Namespace, params: Params, tools: list[str], procs: Pro
         f"{params.bulk_seconds}; ping-pong: {params.pingpong_count} round trips; connection "
         f"rate and DNS: {params.connrate_seconds:g} s / {params.dns_seconds:g} s each; "
         f"{params.hold_count} held connections" + (" (--quick)" if args.quick else ""),
+        "- command: " + " ".join(["python3 benchmarks/run.py", *sys.argv[1:]]),
         *(f"- note: {n}" for n in notes),
         LOAD_PLACEHOLDER,
         "",
