@@ -1,5 +1,3 @@
-import sys
+from tapbox.cli import entry
 
-from tapbox.cli import main
-
-sys.exit(main())
+entry()

@@ -59,7 +59,13 @@ class EngineError(Exception):
 
 
 class _TcpProxy:
-    """Per-connection state shared by the dispatcher and the two pump tasks."""
+    """Per-connection state shared by the dispatcher and the connection's task.
+
+    Sandbox -> host runs in the dispatcher (`Engine._to_host`): data the stack has is sent on
+    the non-blocking host socket at once, with no task switch; only when that socket is full
+    does a short task wait for it to drain (`blocked`). Host -> sandbox runs in the task.
+    `readable` / `writable` wake a task waiting for the stack; `cancel` ends the task.
+    """
 
     def __init__(self, flow: ev.Flow, record: FlowRecord | None = None) -> None:
         self.flow = flow
@@ -70,7 +76,12 @@ class _TcpProxy:
         self.reset = False
         self.reset_reason = ""
         self.cancel = trio.CancelScope()
-        self.sock: trio.socket.SocketType | None = None
+        self.sock: pysocket.socket | None = None
+        self.connected = False
+        self.pending = memoryview(b"")  # taken from the stack, not yet taken by the host socket
+        self.blocked = False  # the host socket is full: a task waits for it to drain
+        self.shut_wr = False  # the sandbox's end of stream was passed on to the host
+        self.error: OSError | None = None  # the host socket failed while sending
 
     def wake(self) -> None:
         self.readable.set()
@@ -225,6 +236,8 @@ class Engine:
             proxy = self.tcp.get(event.flow)
             if proxy:
                 proxy.readable.set()
+                if proxy.connected:
+                    self._to_host(proxy)
         elif isinstance(event, ev.TcpWritable):
             proxy = self.tcp.get(event.flow)
             if proxy:
@@ -309,12 +322,13 @@ class Engine:
 
     async def _proxy_tcp(self, proxy: _TcpProxy) -> None:
         flow = proxy.flow
-        sock = trio.socket.socket(_family(flow), pysocket.SOCK_STREAM)
+        sock = pysocket.socket(_family(flow), pysocket.SOCK_STREAM)
+        sock.setblocking(False)
         proxy.sock = sock
         ending = "closed"
         try:
-            # One cancel scope for the whole life of the flow: a reset from the sandbox, or the
-            # stack giving up on the pending SYN, ends the host side wherever it is.
+            # One cancel scope for the whole life of the flow: a reset from the sandbox, a
+            # failed send to the host, or the stack giving up on the pending SYN ends it.
             with proxy.cancel:
                 error = await self._connect(sock, flow)
                 if self.attributor is not None and proxy.record is not None:
@@ -326,85 +340,121 @@ class Engine:
                     self._service()
                     return
                 sock.setsockopt(pysocket.IPPROTO_TCP, pysocket.TCP_NODELAY, 1)
+                proxy.connected = True
                 if not self.stack.tcp_accept(flow, trio.current_time()):
                     ending = "given up by the sandbox"
                     return  # the SYN was given up on meanwhile
                 self._service()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump_to_host, proxy, sock)
-                    nursery.start_soon(self._pump_to_sandbox, proxy, sock)
+                await self._to_sandbox(proxy, sock)
+            if proxy.error is not None:
+                raise proxy.error
             if proxy.reset:
                 ending = proxy.reset_reason or "reset"
                 _linger_zero(sock)  # the sandbox reset: reset the host side too
         except OSError as exc:  # the host side reset or failed: reset the sandbox side
-            ending = "reset by host" if isinstance(exc, ConnectionResetError) else \
-                f"host error: {os.strerror(exc.errno) if exc.errno else exc}"
+            ending = "reset by host" if isinstance(exc, (ConnectionResetError, BrokenPipeError)) \
+                else f"host error: {os.strerror(exc.errno) if exc.errno else exc}"
             self.stack.tcp_abort(flow, "host side failed")
             self._service()
         except trio.Cancelled:
             ending = "open when tapbox stopped"
             raise
         finally:
+            proxy.connected = False
+            trio.lowlevel.notify_closing(sock)
             sock.close()
             self.tcp.pop(flow, None)
             self._end(proxy.record, ending)
 
-    async def _connect(self, sock: trio.socket.SocketType, flow: ev.Flow) -> str | None:
+    async def _connect(self, sock: pysocket.socket, flow: ev.Flow) -> str | None:
         """None once connected, else how the host-side connect failed."""
-        with trio.move_on_after(self.config.connect_timeout):
-            try:
-                await sock.connect((flow.dst, flow.dport))
-                return None
-            except ConnectionRefusedError:
-                return "refused upstream"
-            except OSError as exc:
-                return f"unreachable upstream: {os.strerror(exc.errno) if exc.errno else exc}"
-        return "connect timeout"
+        code = sock.connect_ex((flow.dst, flow.dport))
+        if code == errno.EINPROGRESS:
+            with trio.move_on_after(self.config.connect_timeout):
+                await trio.lowlevel.wait_writable(sock)
+                code = sock.getsockopt(pysocket.SOL_SOCKET, pysocket.SO_ERROR)
+            if code == errno.EINPROGRESS:
+                return "connect timeout"
+        if code == 0:
+            return None
+        if code == errno.ECONNREFUSED:
+            return "refused upstream"
+        return f"unreachable upstream: {os.strerror(code)}"
 
-    async def _pump_to_host(self, proxy: _TcpProxy, sock: trio.socket.SocketType) -> None:
-        """Sandbox -> host: take data from the stack only as fast as the host socket takes it."""
-        flow, stack = proxy.flow, self.stack
+    def _to_host(self, proxy: _TcpProxy) -> None:
+        """Sandbox -> host, from the dispatcher: take data from the stack only as fast as the
+        host socket takes it, so the window the stack offers closes when the host is slow."""
+        sock, stack, flow = proxy.sock, self.stack, proxy.flow
+        if sock is None or proxy.blocked or proxy.error is not None:
+            return
         while True:
-            proxy.readable = trio.Event()
-            data = stack.tcp_recv(flow, PUMP_CHUNK)
-            if data:
-                self._service()  # a window update may be due
+            if not proxy.pending:
+                data = stack.tcp_recv(flow, PUMP_CHUNK)
+                if not data:
+                    if stack.tcp_at_eof(flow) and not proxy.shut_wr and not proxy.reset:
+                        proxy.shut_wr = True
+                        try:
+                            sock.shutdown(pysocket.SHUT_WR)
+                        except OSError:
+                            pass
+                        proxy.readable.set()
+                    return
+                proxy.pending = memoryview(data)
                 if proxy.record is not None:
                     proxy.record.bytes_out += len(data)
-                view = memoryview(data)
-                while view:
-                    sent = await sock.send(view)
-                    view = view[sent:]
-                continue
-            if stack.tcp_at_eof(flow):
-                if not proxy.reset:
-                    try:
-                        sock.shutdown(pysocket.SHUT_WR)
-                    except OSError:
-                        pass
+            try:
+                sent = sock.send(proxy.pending)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                proxy.error = exc
+                proxy.cancel.cancel()
                 return
-            await proxy.readable.wait()
+            proxy.pending = proxy.pending[sent:]
+            if proxy.pending:
+                proxy.blocked = True
+                self._spawn(self._host_drained, proxy)
+                return
 
-    async def _pump_to_sandbox(self, proxy: _TcpProxy, sock: trio.socket.SocketType) -> None:
-        """Host -> sandbox: read from the host only while the stack has room to queue it."""
+    async def _host_drained(self, proxy: _TcpProxy) -> None:
+        """The host socket was full: wait until it takes data again, then carry on."""
+        assert proxy.sock is not None
+        try:
+            await trio.lowlevel.wait_writable(proxy.sock)
+        except (trio.ClosedResourceError, OSError):
+            return  # the connection ended meanwhile
+        proxy.blocked = False
+        self._to_host(proxy)
+        self._service()
+
+    async def _to_sandbox(self, proxy: _TcpProxy, sock: pysocket.socket) -> None:
+        """Host -> sandbox: read from the host only while the stack has room to queue it; then
+        wait until the sandbox's side is finished too."""
         flow, stack = proxy.flow, self.stack
         while True:
-            proxy.writable = trio.Event()
             space = stack.tcp_send_space(flow)
             if space == 0:
                 if proxy.closed or stack.connection(flow) is None:
                     return
+                proxy.writable = trio.Event()
                 await proxy.writable.wait()
                 continue
-            data = await sock.recv(min(space, PUMP_CHUNK))
+            try:
+                data = sock.recv(min(space, PUMP_CHUNK))
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
             if not data:
                 stack.tcp_close(flow, trio.current_time())
                 self._service()
-                return
+                break
             stack.tcp_send(flow, data, trio.current_time())
             if proxy.record is not None:
                 proxy.record.bytes_in += len(data)
             self._service()
+        while not (proxy.closed or (proxy.shut_wr and not proxy.pending)):
+            proxy.readable = trio.Event()
+            await proxy.readable.wait()
 
     # ----- DNS ------------------------------------------------------------------------------
 

@@ -75,7 +75,7 @@ def _import_engine() -> None:
 
 
 def _upstreams(args: argparse.Namespace) -> list[tuple[str, int]]:
-    from tapbox.dns import parse_upstream, upstreams_from_resolv_conf
+    from tapbox.upstream import parse_upstream, upstreams_from_resolv_conf
 
     if args.dns_upstream:
         try:
