@@ -142,10 +142,12 @@ class Engine:
         while True:
             await trio.lowlevel.wait_readable(fd)
             now = trio.current_time()
+            drained = False
             for _ in range(READ_BATCH):
                 try:
                     frame = os.read(fd, bufsize)
                 except BlockingIOError:
+                    drained = True
                     break
                 except OSError as exc:
                     raise EngineError(f"reading the TAP device failed: {exc}") from exc
@@ -159,7 +161,8 @@ class Engine:
                     for passed in self.faults.apply(INBOUND, frame, now):
                         receive(passed, now)
             self._service()
-            await trio.lowlevel.checkpoint()
+            if not drained:  # more frames wait: let other tasks run before the next batch
+                await trio.lowlevel.checkpoint()
 
     async def _timer_loop(self) -> None:
         while True:
