@@ -103,6 +103,9 @@ class Interface:
         self._ack_due: list[TcpConnection] = []
         self._pending: OrderedDict[_Key, tuple[TcpSegment, ev.Flow]] = OrderedDict()
         self._conns: dict[_Key, TcpConnection] = {}
+        # Connections in TIME-WAIT, oldest first: the first to go when the table is full (the
+        # state only guards against stray segments of our own sandbox; RFC 6191 reasoning).
+        self._time_wait: OrderedDict[_Key, TcpConnection] = OrderedDict()
         self._by_flow: dict[ev.Flow, _Key] = {}
         self._timers: list[tuple[float, int, TcpConnection]] = []
         self._timer_seq = itertools.count()
@@ -339,6 +342,10 @@ class Interface:
     def _new_syn(self, key: _Key, seg: TcpSegment) -> str | None:
         if key in self._pending:
             return "tcp-syn-duplicate"
+        if len(self._conns) >= self.config.max_connections and self._time_wait:
+            old_key, old = self._time_wait.popitem(last=False)
+            self._forget(old_key, old)
+            self.drops["tcp-time-wait-evicted"] += 1
         if len(self._conns) >= self.config.max_connections:
             self._emit_tcp(key, RST | ACK, 0, (seg.seq + 1) & 0xFFFFFFFF, 0)
             return "tcp-too-many-connections"
@@ -534,6 +541,8 @@ class Interface:
         self._events.append(ev.TcpWritable(conn.flow))
 
     def tcp_closed(self, conn: TcpConnection, reset: bool, reason: str) -> None:
+        if conn.state == State.TIME_WAIT:
+            self._time_wait[conn.key] = conn
         self._events.append(ev.TcpClosed(conn.flow, reset, reason))
 
     def tcp_ack_due(self, conn: TcpConnection) -> None:
@@ -553,6 +562,8 @@ class Interface:
     # ----- framing ---------------------------------------------------------------------------
 
     def _forget(self, key: _Key, conn: TcpConnection) -> None:
+        if self._time_wait.get(key) is conn:
+            del self._time_wait[key]
         if self._conns.get(key) is conn:
             del self._conns[key]
             self._by_flow.pop(conn.flow, None)

@@ -27,6 +27,7 @@ import json
 import os
 import random
 import socket
+import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -236,6 +237,37 @@ def cmd_hello(args: argparse.Namespace) -> dict[str, Any]:
     return {"reply": reply.decode("utf-8", "replace").strip(), "seconds": time.monotonic() - start}
 
 
+def cmd_reset_me(args: argparse.Namespace) -> dict[str, Any]:
+    """Ask the server to reset the connection; report what the read then sees."""
+    start = time.monotonic()
+    with _connect(args.host, args.port, start) as sock:
+        sock.sendall(b"RESET\n")
+        sock.settimeout(5)
+        try:
+            data = sock.recv(100)
+        except ConnectionResetError:
+            return {"result": "reset", "seconds": time.monotonic() - start}
+        except TimeoutError:
+            raise Failure({"result": "timeout"}) from None
+    raise Failure({"result": "eof" if not data else "data"})
+
+
+def cmd_reset_them(args: argparse.Namespace) -> dict[str, Any]:
+    """Echo a few bytes, then reset the connection ourselves (zero linger time)."""
+    start = time.monotonic()
+    with _connect(args.host, args.port, start) as sock:
+        sock.sendall(b"ECHO\nabc")
+        sock.settimeout(5)
+        echoed = b""
+        while len(echoed) < 3:
+            chunk = sock.recv(3 - len(echoed))
+            if not chunk:
+                break
+            echoed += chunk
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return {"result": "sent-reset", "echoed": echoed.decode(), "seconds": time.monotonic() - start}
+
+
 def cmd_get(args: argparse.Namespace) -> dict[str, Any]:
     start = time.monotonic()
     h = hashlib.sha256()
@@ -406,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=53)
     s.set_defaults(func=cmd_resolve_raw)
 
-    for name, func in (("hello", cmd_hello), ("connect", cmd_connect), ("udp", cmd_udp)):
+    for name, func in (("hello", cmd_hello), ("connect", cmd_connect), ("udp", cmd_udp),
+                       ("reset-me", cmd_reset_me), ("reset-them", cmd_reset_them)):
         s = sub.add_parser(name)
         s.add_argument("host")
         s.add_argument("port", type=int)

@@ -18,6 +18,7 @@ Theory of operation
        ``SLOWPUT N\\n``  -> as PUT, but read slowly (64 KiB, pause, ...)
        ``ECHO\\n``         -> echoes everything until EOF, then closes
        ``HELLO\\n``        -> ``hello from <local ip>:<port>\\n`` (IPv6 as ``[ip]:port``)
+       ``RESET\\n``        -> the server resets the connection (RST)
    - UDP echo servers (``UDP_ECHO_ENDPOINTS``).
    - an authoritative DNS server for the ``test.`` zone (``ZONE_TEXT``) over UDP and TCP
      (RFC 7766 length-prefixed) on ``DNS_ENDPOINTS``; unknown names NXDOMAIN, a name without
@@ -287,6 +288,7 @@ class Connection:
     command: str = ""  # first line, for blob connections
     bytes_in: int = 0
     bytes_out: int = 0
+    ending: str = ""  # "reset" when the client reset the connection
 
 
 @dataclass(frozen=True)
@@ -700,12 +702,20 @@ class FakeNet:
                 rec.bytes_out += len(rest)
             view = memoryview(bytearray(1 << 16))
             while True:
-                k = conn.recv_into(view)
+                try:
+                    k = conn.recv_into(view)
+                except ConnectionResetError:
+                    rec.ending = "reset"
+                    break
                 if k == 0:
                     break
                 rec.bytes_in += k
                 conn.sendall(view[:k])
                 rec.bytes_out += k
+        elif cmd == "RESET" and len(words) == 1:
+            # Abort: close with a zero linger time, which sends RST instead of FIN.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return  # no half-close first: the caller's close() is the reset
         elif cmd == "HELLO" and len(words) == 1:
             local = conn.getsockname()
             reply = f"hello from {_fmt_hostport(_norm(local[0]), int(local[1]))}\n".encode()
