@@ -41,10 +41,6 @@ ETH_IP6_HEADERS = ethernet.HEADER_LEN + ipv6.HEADER_LEN
 NDP_HOP_LIMIT = 255  # RFC 4861 §7.1: ND messages are sent, and must arrive, with 255
 
 
-class LocalProtocolError(Exception):
-    """The caller used the API wrongly (never raised for anything the sandbox sends)."""
-
-
 @dataclass(frozen=True)
 class InterfaceConfig:
     sandbox_ip: str = "10.0.2.100"
@@ -593,7 +589,6 @@ class Interface:
         if self.offload:
             vnet.write_partial(frame, start - self.prefix, tcp.CHECKSUM_OFFSET)
         self._frames.append(frame)
-        self.stats["tcp-out"] += 1
 
     def _send_ip(self, src: bytes, dst: bytes, proto: int, body: bytes,
                  hop_limit: int = ipv6.DEFAULT_HOP_LIMIT) -> None:

@@ -46,8 +46,9 @@ class State(enum.Enum):
 # States in which the peer may still send us data (RFC 9293 §3.10.7.4, "seventh, process the
 # segment text").
 _RECEIVING = frozenset({State.ESTABLISHED, State.FIN_WAIT_1, State.FIN_WAIT_2})
-# States in which we may still send data.
+# States in which we may still send data, and in which the caller may still queue it.
 _SENDING = frozenset({State.ESTABLISHED, State.CLOSE_WAIT})
+_QUEUEING = _SENDING | {State.SYN_RECEIVED}
 
 DEFAULT_MSS_IPV4 = 536  # RFC 9293 §3.7.1: assumed when the SYN carries no MSS option
 DEFAULT_MSS_IPV6 = 1220  # RFC 8200 §5 minimum MTU 1280, less the IPv6 and TCP headers
@@ -139,12 +140,15 @@ class TcpConnection:
 
     @property
     def deadline(self) -> float | None:
-        times = [t for t in (self.rtx_at, self.persist_at, self.time_wait_at) if t is not None]
-        return min(times) if times else None
+        soonest = None
+        for when in (self.rtx_at, self.persist_at, self.time_wait_at):
+            if when is not None and (soonest is None or when < soonest):
+                soonest = when
+        return soonest
 
     @property
     def send_space(self) -> int:
-        if self.fin_queued or self.state not in (_SENDING | {State.SYN_RECEIVED}):
+        if self.fin_queued or self.state not in _QUEUEING:
             return 0
         return max(0, self.cfg.snd_buffer - len(self.snd_buf))
 
@@ -236,7 +240,7 @@ class TcpConnection:
 
     def close(self, now: float) -> None:
         """The caller has no more to send: FIN after the queued data (half-close)."""
-        if self.fin_queued or self.state not in (_SENDING | {State.SYN_RECEIVED}):
+        if self.fin_queued or self.state not in _QUEUEING:
             return
         self.now = now
         self.fin_queued = True
