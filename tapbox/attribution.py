@@ -318,13 +318,17 @@ class Attributor:
         assert self.scanner is not None
         flows = [(record.flow, deadline) for record, deadline, _ in batch]
         try:
-            infos = await trio.to_thread.run_sync(self.scanner.attribute, flows, cancellable=True)
+            infos = await trio.to_thread.run_sync(
+                self.scanner.attribute, flows, abandon_on_cancel=True
+            )
         except trio.Cancelled:
             for record, _, done in batch:
                 self._finish(record, _unknown(UNKNOWN_STOPPED), done)
             raise
-        except Exception:  # /proc is best effort: never take the engine down with it
-            infos = [_unknown(UNKNOWN_FAILED)] * len(batch)
+        except Exception as exc:  # /proc is best effort: never take the engine down with it,
+            # but say what broke instead of a bare "failed" (a silent failure hid a trio change)
+            reason = f"{UNKNOWN_FAILED} ({type(exc).__name__}: {exc})"[:200]
+            infos = [_unknown(reason)] * len(batch)
         for (record, _, done), info in zip(batch, infos, strict=True):
             self._finish(record, info, done)
 

@@ -344,7 +344,7 @@ class Sandbox:
         if self._status is not None:
             return self._status
         if self._pidfd is None:
-            return await trio.to_thread.run_sync(self.wait_status, cancellable=True)
+            return await trio.to_thread.run_sync(self.wait_status, abandon_on_cancel=True)
         self._trio_waiting = True
         try:
             await trio.lowlevel.wait_readable(self._pidfd)
