@@ -9,7 +9,7 @@ port or port range (``:443``, ``:8000-8080``; IPv6 with a port needs brackets:
 ``[2001:db8::1]:443``). The full format is in docs/allowlist.md.
 
 Parsing turns each line into a frozen :class:`Rule`. Any bad line raises
-:class:`AllowlistError` whose text is ``"<file>:<line>: <problem>"`` (or
+:class:`AllowlistError` (tapbox.errors) whose text is ``"<file>:<line>: <problem>"`` (or
 ``"--allow 'RULE': <problem>"`` for a rule given on the command line), so the CLI can print it
 as is and exit.
 
@@ -34,6 +34,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from tapbox.errors import AllowlistError
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 RuleKind = Literal["name", "wildcard", "address", "network"]
@@ -45,19 +47,6 @@ MAX_LABEL_LENGTH = 63
 _LABEL_RE = re.compile(r"[a-z0-9_-]+")
 _PORT_SPEC_RE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 _MAPPED_V4 = ipaddress.IPv6Network("::ffff:0:0/96")
-
-
-class AllowlistError(Exception):
-    """A rule or allowlist file that cannot be used.
-
-    ``str(err)`` is the complete user-facing message: ``"allowed.txt:7: invalid port ..."``,
-    ``"--allow 'RULE': ..."`` or ``"allowed.txt: cannot read: ..."``. ``problem`` is the
-    message without its location prefix.
-    """
-
-    def __init__(self, message: str, *, problem: str | None = None) -> None:
-        super().__init__(message)
-        self.problem = problem if problem is not None else message
 
 
 class _Problem(Exception):

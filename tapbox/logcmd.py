@@ -7,58 +7,17 @@ stops, e.g. tapbox was killed). Filters keep the rows with something denied (`--
 the rows for one domain and its subdomains, or one address (`--domain`); `--flows` lists the
 matching flows one per line, with the process that opened each.
 
-cli.main() sends argv here only when its first word is "log": a command that is literally named
-`log` is run in the sandbox as `tapbox -- log ...`.
+The command line (`tapbox log show ...`) is read by tapbox.cli.log, which calls show().
 """
 
 from __future__ import annotations
 
-import argparse
 import shlex
-import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
-from tapbox.eventlog import LogError, read_events
+from tapbox.eventlog import read_events
 from tapbox.summary import WIDTH, Summary, human_bytes
-
-USAGE = "tapbox log show FILE [--denied] [--domain NAME] [--flows]"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tapbox log", usage=USAGE,
-                                     description="Read an event log written by tapbox --log.")
-    sub = parser.add_subparsers(dest="action", required=True, metavar="show")
-    show = sub.add_parser("show", usage=USAGE,
-                          help="print the log's summary table (as at exit), optionally filtered")
-    show.add_argument("file", metavar="FILE", help="a log written with --log")
-    show.add_argument("--denied", action="store_true",
-                      help="only destinations with something denied (or 'would deny')")
-    show.add_argument("--domain", metavar="NAME",
-                      help="only NAME and its subdomains (or an IP address)")
-    show.add_argument("--flows", action="store_true",
-                      help="also list the matching flows, one per line, with their process")
-    return parser
-
-
-def main(argv: Sequence[str]) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(list(argv))
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-    try:
-        lines = show(args.file, denied=args.denied, domain=args.domain, flows=args.flows)
-    except LogError as exc:
-        print(f"tapbox: {exc}", file=sys.stderr)
-        return 1
-    try:
-        for line in lines:
-            print(line)
-    except BrokenPipeError:
-        pass
-    return 0
 
 
 def show(path: str, *, denied: bool = False, domain: str | None = None,

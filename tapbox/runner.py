@@ -5,6 +5,9 @@ upstream is known, the sandbox is set up, the engine reads the TAP device); only
 sandbox told to exec. If the engine fails afterwards, the command is killed: tapbox never
 leaves a command running without its firewall.
 
+What to do comes as RunOptions (tapbox.options), however it was given: command line, profile
+or API; the command comes with it, separately.
+
 Recording (docs/audit.md) is set up in the same spirit: the --log and --pcap files are opened,
 and a --learn file is read, before the sandbox exists, so a bad path stops tapbox with 125
 before CMD runs. At the end, whatever way CMD ended (exit, signal), the log gets its exit event,
@@ -13,15 +16,16 @@ the capture is flushed, the summary is printed and the learned allowlist is writ
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tapbox.allowlist import Allowlist, AllowlistError, Rule, load_file, parse_rule
-from tapbox.errors import SetupError
+from tapbox.errors import EXIT_TAPBOX_FAILED, SetupError
+from tapbox.options import AllowRule, RunOptions
 from tapbox.sandbox import DNS_ADDRESS, DNS_ADDRESS6, Sandbox, SandboxConfig, SignalForwarder
 
 if TYPE_CHECKING:
@@ -30,17 +34,17 @@ if TYPE_CHECKING:
     from tapbox.learn import Learner
     from tapbox.pcap import PcapWriter
 
-EXIT_TAPBOX_FAILED = 125
 DRAIN_TIMEOUT = 10.0  # seconds open connections may take to finish after the command exits
 
 
-def load_rules(files: list[str], rules: list[str]) -> list[Rule]:
-    """All rules from -F files and --allow options; an AllowlistError names file:line."""
+def load_rules(files: Sequence[str], rules: Sequence[AllowRule]) -> list[Rule]:
+    """All rules from allowlist files and single rules; an AllowlistError names file:line (or
+    the --allow option)."""
     loaded: list[Rule] = []
     for path in files:
         loaded.extend(load_file(path))
-    for text in rules:
-        loaded.append(parse_rule(text))
+    for rule in rules:
+        loaded.append(parse_rule(rule.text, rule.source))
     return loaded
 
 
@@ -74,12 +78,12 @@ def _import_engine() -> None:
     import tapbox.engine  # noqa: F401
 
 
-def _upstreams(args: argparse.Namespace) -> list[tuple[str, int]]:
+def _upstreams(options: RunOptions) -> list[tuple[str, int]]:
     from tapbox.upstream import parse_upstream, upstreams_from_resolv_conf
 
-    if args.dns_upstream:
+    if options.network.dns_upstream:
         try:
-            return [parse_upstream(text) for text in args.dns_upstream]
+            return [parse_upstream(text) for text in options.network.dns_upstream]
         except ValueError as exc:
             raise SetupError(f"--dns-upstream: {exc}") from None
     return upstreams_from_resolv_conf()
@@ -101,27 +105,28 @@ class Recording:
             self.pcap.close()
 
 
-def _open_recording(args: argparse.Namespace) -> Recording:
-    recording = Recording(sources=[*args.files, *(f"--allow {r}" for r in args.rules)])
+def _open_recording(command: Sequence[str], options: RunOptions) -> Recording:
+    net, record = options.network, options.record
+    recording = Recording(sources=[*net.allowlists, *(f"{r.source} {r.text}" for r in net.allow)])
     try:
-        if getattr(args, "learn", None):
+        if record.learn:
             from tapbox.learn import Learner
 
-            recording.learner = Learner(args.learn, args.command)
+            recording.learner = Learner(record.learn, list(command))
             if recording.learner.exists:
-                recording.sources.append(args.learn)
-        if getattr(args, "log", None):
+                recording.sources.append(record.learn)
+        if record.log:
             from tapbox.eventlog import EventLog, LogError
 
             try:
-                recording.log = EventLog(args.log)
+                recording.log = EventLog(record.log)
             except LogError as exc:
                 raise SetupError(str(exc)) from None
-        if getattr(args, "pcap", None):
+        if record.pcap:
             from tapbox.pcap import PcapError, PcapWriter
 
             try:
-                recording.pcap = PcapWriter(args.pcap, args.pcap_limit)
+                recording.pcap = PcapWriter(record.pcap, record.pcap_limit)
             except PcapError as exc:
                 raise SetupError(str(exc)) from None
     except AllowlistError as exc:
@@ -133,43 +138,42 @@ def _open_recording(args: argparse.Namespace) -> Recording:
     return recording
 
 
-def _audit_mode(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "audit", False) or getattr(args, "learn", None))
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.no_network:
-        return _run_sandbox(args, network=False)
+def run(command: Sequence[str], options: RunOptions) -> int:
+    """Run `command` as `options` say (validated: RunOptions.from_layers or .validate());
+    returns the exit status. Raises TapboxError if tapbox fails before the command runs."""
+    if not options.network.enabled:
+        return _run_sandbox(command, options, network=False)
     try:
-        rules = load_rules(args.files, args.rules)
+        rules = load_rules(options.network.allowlists, options.network.allow)
     except AllowlistError as exc:
         raise SetupError(str(exc)) from None
-    recording = _open_recording(args)
+    recording = _open_recording(command, options)
     if recording.learner is not None:
         rules.extend(recording.learner.existing)
-    if not rules and not _audit_mode(args):
+    if not rules and not options.record.audit_mode:
         print("tapbox: the allowlist is empty: no network access is allowed", file=sys.stderr)
     try:
-        return _run_sandbox(args, network=True, rules=rules, recording=recording)
+        return _run_sandbox(command, options, network=True, rules=rules, recording=recording)
     finally:
         recording.close()
 
 
-def _run_sandbox(args: argparse.Namespace, network: bool, rules: list[Rule] | None = None,
-                 recording: Recording | None = None) -> int:
-    upstreams = _upstreams(args) if network else []
+def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
+                 rules: list[Rule] | None = None, recording: Recording | None = None) -> int:
+    upstreams = _upstreams(options) if network else []
     if network and not upstreams and any(r.name for r in rules or []):
         print("tapbox: no DNS upstream (none in /etc/resolv.conf; use --dns-upstream): "
               "names will not resolve", file=sys.stderr)
     forwarder = SignalForwarder()
     try:
-        args.ipv6_enabled = network and (args.ipv6 == "on" or
-                                         (args.ipv6 == "auto" and host_has_ipv6()))
+        ipv6 = options.network.ipv6
+        ipv6_enabled = network and (ipv6 == "on" or (ipv6 == "auto" and host_has_ipv6()))
         resolv = f"nameserver {DNS_ADDRESS}\n" + \
-            (f"nameserver {DNS_ADDRESS6}\n" if args.ipv6_enabled else "")
-        sandbox = Sandbox.spawn(SandboxConfig(argv=args.command, network=network,
-                                              mtu=args.mtu, root=args.root,
-                                              ipv6=args.ipv6_enabled, resolv_conf=resolv),
+            (f"nameserver {DNS_ADDRESS6}\n" if ipv6_enabled else "")
+        sandbox = Sandbox.spawn(SandboxConfig(argv=list(command), network=network,
+                                              mtu=options.network.mtu,
+                                              root=options.environment.root,
+                                              ipv6=ipv6_enabled, resolv_conf=resolv),
                                 meanwhile=_import_engine if network else None)
     except BaseException:
         forwarder.restore()
@@ -182,8 +186,8 @@ def _run_sandbox(args: argparse.Namespace, network: bool, rules: list[Rule] | No
             return sandbox.wait_status()
         import trio
 
-        return trio.run(_serve, sandbox, rules or [], upstreams, args,
-                        recording or Recording())
+        return trio.run(_serve, sandbox, rules or [], upstreams, command, options,
+                        ipv6_enabled, recording or Recording())
     finally:
         forwarder.stop()
         if sandbox.returncode is None:
@@ -193,7 +197,8 @@ def _run_sandbox(args: argparse.Namespace, network: bool, rules: list[Rule] | No
 
 
 async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str, int]],
-                 args: argparse.Namespace, recording: Recording) -> int:
+                 command: Sequence[str], options: RunOptions, ipv6: bool,
+                 recording: Recording) -> int:
     import trio
 
     from netstack.iface import InterfaceConfig
@@ -205,32 +210,32 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
     from tapbox.summary import Summary
 
     assert sandbox.tap_fd is not None
-    audit_mode = _audit_mode(args)
-    audit = Audit(verbose=args.verbose, quiet=getattr(args, "quiet", False),
+    record = options.record
+    audit_mode = record.audit_mode
+    audit = Audit(verbose=record.verbose, quiet=record.report == "quiet",
                   audit_mode=audit_mode, log=recording.log, summary=Summary(),
                   learner=recording.learner,
-                  summary_mode="always" if getattr(args, "summary", False) else "auto")
+                  summary_mode="always" if record.report == "summary" else "auto")
     if recording.pcap is not None:
         recording.pcap.on_stop = audit.say
     audit.run_started(
         mode="learn" if recording.learner else "audit" if audit_mode else "enforce",
-        command=list(args.command), cwd=os.getcwd(), tapbox_pid=os.getpid(),
+        command=list(command), cwd=os.getcwd(), tapbox_pid=os.getpid(),
         sandbox_pid=sandbox.pid, allowlist=recording.sources, rules=len(rules),
         dns_upstreams=[f"{host}:{port}" for host, port in upstreams],
-        pcap=getattr(args, "pcap", None))
+        pcap=record.pcap)
     if audit_mode:
         from tapbox.auditpolicy import AuditPolicy
 
         policy: Policy = AuditPolicy(Allowlist(rules))
     else:
         policy = Policy(Allowlist(rules))
-    ipv6 = bool(getattr(args, "ipv6_enabled", False))
     dns = DnsForwarder(policy, upstreams, on_event=audit.dns, aaaa=ipv6)
     faults = FaultSpec.parse(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else None
     # The sandbox's TAP carries virtio-net headers; checksums are left to the kernel unless
     # the test-only fault seam is on (a corrupted frame must then fail its checksum).
     config = EngineConfig(faults=faults, interface=InterfaceConfig(
-        mtu=args.mtu, isn_key=os.urandom(16), ipv6=ipv6, vnet_hdr=True,
+        mtu=options.network.mtu, isn_key=os.urandom(16), ipv6=ipv6, vnet_hdr=True,
         checksum_offload=faults is None))
     engine = Engine(sandbox.tap_fd, policy, dns, audit, config)
     engine.capture = recording.pcap
@@ -263,7 +268,7 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
     finally:
         os.close(sandbox.tap_fd)
         drops = engine.drop_counts()
-        if args.verbose and drops:
+        if record.verbose and drops:
             audit.say("frames dropped: " + ", ".join(f"{reason} {count}" for reason, count
                                                      in sorted(drops.items())))
         _finish(audit, recording, status)

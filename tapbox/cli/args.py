@@ -1,15 +1,20 @@
-"""`tapbox [options] -- CMD [ARGS...]`: parse the command line, then hand over to `runner`."""
+"""argv -> RunOptions: the `tapbox [options] -- CMD [ARGS...]` command line, translated.
+
+How this works: argparse reads the options (their spellings, help and usage are here); `_FLAGS`
+says which RunOptions field each one sets, and to what. parse_args() turns them into a layer
+and RunOptions.from_layers() validates the result, so the same checks apply however the
+options were given. A problem with the command line is a usage error (argparse's message,
+exit 125).
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from tapbox.errors import SetupError
-
-EXIT_TAPBOX_FAILED = 125
+from tapbox.errors import UsageError
+from tapbox.options import AllowRule, Layer, Origin, RunOptions
 
 USAGE = """tapbox [-F FILE]... [--allow RULE]... [options] -- CMD [ARGS...]
        tapbox log show FILE [--denied] [--domain NAME] [--flows]"""
@@ -34,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dns-upstream", action="append", default=[], metavar="ADDR[:PORT]",
                         help="DNS server to resolve allowed names with (default: the host's "
                              "resolv.conf)")
-    parser.add_argument("--mtu", type=int, default=65520, help="MTU of tap0 (default 65520)")
-    parser.add_argument("--ipv6", choices=("auto", "on", "off"), default="auto",
+    parser.add_argument("--mtu", type=int, help="MTU of tap0 (default 65520)")
+    parser.add_argument("--ipv6", choices=("auto", "on", "off"),
                         help="IPv6 in the sandbox (fd00::100/64) and AAAA answers: auto = only "
                              "when the host can reach IPv6 destinations (default)")
     parser.add_argument("--root", action="store_true",
@@ -56,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "that admits what the command used")
     record.add_argument("--pcap", metavar="FILE",
                         help="capture the sandbox's frames (tap0, both directions) to FILE")
-    record.add_argument("--pcap-limit", metavar="SIZE", default="100M",
+    record.add_argument("--pcap-limit", metavar="SIZE",
                         help="stop capturing when FILE reaches SIZE (default 100M)")
     record.add_argument("--summary", action="store_true",
                         help="always print the summary table at exit (default: only when "
@@ -67,7 +72,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# How each option fills RunOptions: argparse dest, field, how messages name the option, and the
+# value it sets given the option's own (lists become tuples). An option not given sets nothing.
+# Two options that set one field to different values contradict each other (--summary, -q).
+_FLAGS: list[tuple[str, str, str, Callable[[Any], Any]]] = [
+    ("files", "network.allowlists", "-F", tuple),
+    ("rules", "network.allow", "--allow", lambda rules: tuple(AllowRule(r) for r in rules)),
+    ("dns_upstream", "network.dns_upstream", "--dns-upstream", tuple),
+    ("mtu", "network.mtu", "--mtu", int),
+    ("ipv6", "network.ipv6", "--ipv6", str),
+    ("no_network", "network.enabled", "-n", lambda _: False),
+    ("root", "environment.root", "--root", bool),
+    ("verbose", "record.verbose", "-v", bool),
+    ("log", "record.log", "--log", str),
+    ("audit", "record.audit", "--audit", bool),
+    ("learn", "record.learn", "--learn", str),
+    ("pcap", "record.pcap", "--pcap", str),
+    ("pcap_limit", "record.pcap_limit", "--pcap-limit", int),
+    ("summary", "record.report", "--summary", lambda _: "summary"),
+    ("quiet", "record.report", "-q", lambda _: "quiet"),
+]
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line as argparse reads it, plus `command` (CMD and its arguments) and
+    `options` (RunOptions from the options). A usage error exits through argparse
+    (SystemExit 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     command = list(args.command)
@@ -75,56 +105,31 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         command = command[1:]
     if not command:
         parser.error("no command given (usage: " + USAGE.splitlines()[0] + ")")
-    if not 576 <= args.mtu <= 65520:
-        parser.error(f"--mtu {args.mtu}: must be between 576 and 65520")
-    if args.no_network:
-        used = [flag for flag, value in (("--log", args.log), ("--audit", args.audit),
-                                         ("--learn", args.learn), ("--pcap", args.pcap))
-                if value]
-        if used:
-            parser.error(f"{used[0]} needs the network: it cannot be used with -n")
-    if args.summary and args.quiet:
-        parser.error("--summary and -q contradict each other: choose one")
-    from tapbox.pcap import parse_size
+    if args.pcap_limit is not None:
+        from tapbox.pcap import parse_size
 
+        try:
+            args.pcap_limit = parse_size(args.pcap_limit)
+        except ValueError as exc:
+            parser.error(f"--pcap-limit: {exc}")
     try:
-        args.pcap_limit = parse_size(args.pcap_limit)
-    except ValueError as exc:
-        parser.error(f"--pcap-limit: {exc}")
+        args.options = RunOptions.from_layers(command_line_layer(args))
+    except UsageError as exc:
+        parser.error(str(exc))
     args.command = command
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "log":  # `tapbox log show FILE`; a command named log: tapbox -- log
-        from tapbox.logcmd import main as log_main
-
-        return log_main(argv[1:])
-    try:
-        args = parse_args(argv)
-    except SystemExit as exc:  # argparse: usage errors are tapbox's own failure
-        code = exc.code if isinstance(exc.code, int) else EXIT_TAPBOX_FAILED
-        return EXIT_TAPBOX_FAILED if code == 2 else code
-    from tapbox.runner import run
-
-    try:
-        status = run(args)
-    except SetupError as exc:
-        text = str(exc)
-        print(text if text.startswith("tapbox:") else f"tapbox: {text}", file=sys.stderr)
-        status = EXIT_TAPBOX_FAILED
-    return status
-
-
-def entry() -> None:
-    """The `tapbox` command: run, then leave without the interpreter's teardown (module
-    clean-up and garbage collection cost tens of milliseconds on every sandboxed command;
-    everything tapbox writes is flushed or closed by then)."""
-    status = main()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(status)
+def command_line_layer(args: argparse.Namespace) -> Layer:
+    """The fields the options in `args` set; UsageError if two of them contradict."""
+    layer = Layer()
+    for dest, path, flag, value_of in _FLAGS:
+        given = getattr(args, dest)
+        if given is None or given is False or given == []:
+            continue
+        value = value_of(given)
+        if path in layer.values and layer.values[path] != value:
+            raise UsageError(f"{layer.origins[path].name} and {flag} contradict each other: "
+                             "choose one", option=path)
+        layer.set(path, value, Origin(flag))
+    return layer

@@ -1,0 +1,305 @@
+"""What one tapbox run is asked to do: `RunOptions`, filled by the CLI, profiles and the API.
+
+How this works
+--------------
+`RunOptions` is a frozen dataclass with one part per concern, each itself a frozen dataclass
+whose defaults are what a bare `tapbox -- CMD` does:
+
+    network      allowlist rules and files, DNS upstreams, MTU, IPv6 -- or no network at all
+    filesystem   what the command sees of the host's files (today: all of it, as it is)
+    environment  who the command runs as inside (--root)
+    record       what is recorded and reported: event log, capture, audit/learn, stderr
+    limits       resource limits (none yet)
+
+A field is named by its dotted path, "network.mtu"; a profile writes the same field as
+`[network]` / `mtu = ...`. Each front end turns what it read into a `Layer`: the fields it
+sets, already typed, and where each value came from (an `Origin`, for messages). `from_layers`
+stacks layers over the defaults: a later layer replaces an earlier layer's value, except that
+the fields marked `adds` (allowlist rules and files) add up. `validate()` then checks the whole
+object once, whoever filled it -- types, ranges, options that need each other -- and names the
+culprit as its user wrote it ("--mtu 70000: ..." or "team.toml:4: network.mtu 70000: ...").
+Text is turned into typed values by the front ends (a size such as "100M" into bytes); a rule
+keeps its text and its source, and is parsed when the run loads the allowlist.
+
+Adding an option (issues 9, 10 and 12 add filesystem, overlay, syscall and limit options): a
+field with its default in its part (metadata: `PATH` if it is a file name a profile gives
+relative to itself, `SIZE` if a profile may write it as "100M", `ADDS` if the CLI's values add
+to a profile's rather than replace them); a line in the CLI's table (tapbox/cli/args.py); a
+check in `validate()` if it needs more than its type checked; a row in docs/profiles.md.
+Profiles know every field from the dataclasses themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, NamedTuple
+
+from tapbox.errors import UsageError
+
+DEFAULT_MTU = 65520
+MIN_MTU = 576  # the smallest datagram every IPv4 host must accept (RFC 791)
+DEFAULT_PCAP_LIMIT = 100_000_000  # bytes: "100M"
+
+IPv6Mode = Literal["auto", "on", "off"]
+FilesystemView = Literal["host"]
+Report = Literal["auto", "summary", "quiet"]
+
+# Field metadata (see "Adding an option" above).
+ADDS = {"adds": True}
+PATH = {"path": True}
+SIZE = {"size": True}
+
+
+class AllowRule(NamedTuple):
+    """One allowlist rule as written, and where it was written: "--allow" for the command
+    line, "FILE:LINE" for a profile. Parsed (tapbox.allowlist.parse_rule) when the run starts."""
+
+    text: str
+    source: str = "--allow"  # tapbox.allowlist.CLI_SOURCE
+
+
+class _Part:
+    """Shared by the parts: lists given where tuples belong become tuples, and plain strings
+    given as rules become AllowRules, so the API may pass what is natural."""
+
+    def __post_init__(self) -> None:
+        for name, hint in _hints(type(self)).items():
+            value = getattr(self, name)
+            if typing.get_origin(hint) is not tuple or not isinstance(value, list | tuple):
+                continue
+            if typing.get_args(hint)[0] is AllowRule:
+                value = [AllowRule(item) if isinstance(item, str) else item for item in value]
+            object.__setattr__(self, name, tuple(value))
+
+
+@dataclass(frozen=True)
+class NetworkOptions(_Part):
+    """The sandbox's network: what it may reach, and how its link looks."""
+
+    enabled: bool = True  # False: -n, only a loopback interface (no TAP, no engine)
+    allow: tuple[AllowRule, ...] = field(default=(), metadata=ADDS)  # --allow RULE
+    allowlists: tuple[str, ...] = field(default=(), metadata=ADDS | PATH)  # -F FILE
+    dns_upstream: tuple[str, ...] = ()  # "ADDR[:PORT]"; empty: the host's resolv.conf
+    mtu: int = DEFAULT_MTU  # of tap0
+    ipv6: IPv6Mode = "auto"  # auto: on when the host can reach IPv6 destinations
+
+
+@dataclass(frozen=True)
+class FilesystemOptions(_Part):
+    """What the command sees of the host's files.
+
+    Today there is one view, "host": the host's filesystem as it is (a private resolv.conf
+    aside). The isolation issue (9) adds the "project" view as the default, `write`, `read`,
+    `hide` and `tmpfs` path lists; the copy-on-write issue (10) adds "overlay" and where its
+    layers are kept.
+    """
+
+    view: FilesystemView = "host"
+
+
+@dataclass(frozen=True)
+class EnvironmentOptions(_Part):
+    """Who the command runs as. The command inherits tapbox's environment variables as they
+    are; the isolation issue (9) adds setenv / unsetenv / clearenv here."""
+
+    root: bool = False  # --root: uid/gid 0 inside (fakeroot); else the caller's uid/gid
+
+
+@dataclass(frozen=True)
+class RecordOptions(_Part):
+    """What tapbox records about the run, and what it reports on stderr (docs/audit.md)."""
+
+    log: str | None = field(default=None, metadata=PATH)  # JSON-lines event log
+    pcap: str | None = field(default=None, metadata=PATH)  # capture of tap0's frames
+    pcap_limit: int = field(default=DEFAULT_PCAP_LIMIT, metadata=SIZE)  # bytes
+    learn: str | None = field(default=None, metadata=PATH)  # allowlist to write (audit mode)
+    audit: bool = False  # block nothing, record what would be denied
+    # auto: denied connections as they happen, and the summary table when something was
+    # denied (or in audit mode); summary: the table always (--summary); quiet: neither (-q)
+    report: Report = "auto"
+    verbose: bool = False  # every connection and DNS decision on stderr (-v)
+
+    @property
+    def audit_mode(self) -> bool:
+        """Block nothing: --audit, or --learn (which audits, then writes what it saw)."""
+        return self.audit or self.learn is not None
+
+
+@dataclass(frozen=True)
+class LimitsOptions(_Part):
+    """Resource limits of the sandbox. None yet: issue 12 adds timeout, memory, processes and
+    open files here (the defaults stay unlimited)."""
+
+
+class Origin(NamedTuple):
+    """Where a value came from, for messages: `name` is how its user wrote the option ("--mtu",
+    "network.mtu"), `location` the "FILE:LINE" it was read from, if it was read from a file."""
+
+    name: str
+    location: str | None = None
+
+
+class Layer:
+    """The fields one source of options sets (dotted path -> typed value), and their origins."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.origins: dict[str, Origin] = {}
+
+    def set(self, path: str, value: Any, origin: Origin) -> None:
+        _field(path)  # a KeyError here is a programming error: the path names no field
+        self.values[path] = value
+        self.origins[path] = origin
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything one run is asked to do (the command itself is given separately)."""
+
+    network: NetworkOptions = field(default_factory=NetworkOptions)
+    filesystem: FilesystemOptions = field(default_factory=FilesystemOptions)
+    environment: EnvironmentOptions = field(default_factory=EnvironmentOptions)
+    record: RecordOptions = field(default_factory=RecordOptions)
+    limits: LimitsOptions = field(default_factory=LimitsOptions)
+
+    @classmethod
+    def from_layers(cls, *layers: Layer) -> RunOptions:
+        """The defaults, then each layer in turn (later ones win; `adds` fields add up),
+        validated. Raises UsageError naming the option at fault as its layer wrote it."""
+        values: dict[str, dict[str, Any]] = {part.name: {} for part in fields(cls)}
+        origins: dict[str, Origin] = {}
+        for layer in layers:
+            for path, value in layer.values.items():
+                part, name = path.split(".")
+                if _field(path).metadata.get("adds") and name in values[part]:
+                    value = (*values[part][name], *value)
+                values[part][name] = value
+                origins[path] = layer.origins[path]
+        options = cls(**{part.name: _part_class(part.name)(**values[part.name])
+                         for part in fields(cls)})
+        options.validate(origins)
+        return options
+
+    def validate(self, origins: Mapping[str, Origin] | None = None) -> RunOptions:
+        """Check every field's type, then the ranges and the options that need each other.
+        Returns self; raises UsageError for the first problem. `origins` says how each
+        field was written (default: its dotted path)."""
+        origins = origins or {}
+
+        def name(path: str) -> str:
+            origin = origins.get(path)
+            return origin.name if origin else path
+
+        def fail(path: str, problem: str) -> UsageError:
+            origin = origins.get(path)
+            return UsageError(problem, option=path, location=origin and origin.location)
+
+        for part in fields(self):
+            values = getattr(self, part.name)
+            if not isinstance(values, _part_class(part.name)):
+                raise UsageError(f"{part.name}: expected {_part_class(part.name).__name__}, "
+                                 f"got {_kind(values)}", option=part.name)
+            for path, hint in _part_hints(part.name).items():
+                value = getattr(values, path.split(".")[1])
+                expected = _type_problem(value, hint)
+                if expected is None:
+                    continue
+                got = _kind(value)
+                if isinstance(value, tuple) and typing.get_origin(hint) is tuple:  # which item
+                    item = typing.get_args(hint)[0]
+                    got += " with " + next(_kind(v) for v in value
+                                           if _type_problem(v, item) is not None)
+                raise fail(path, f"{name(path)}: expected {expected}, got {got}")
+        net, record = self.network, self.record
+        if not MIN_MTU <= net.mtu <= DEFAULT_MTU:
+            raise fail("network.mtu", f"{name('network.mtu')} {net.mtu}: must be between "
+                                      f"{MIN_MTU} and {DEFAULT_MTU}")
+        if record.pcap_limit <= 0:
+            raise fail("record.pcap_limit", f"{name('record.pcap_limit')} {record.pcap_limit}: "
+                                            "must be a positive number of bytes")
+        if not net.enabled:
+            for path, used in (("record.log", record.log), ("record.audit", record.audit),
+                               ("record.learn", record.learn), ("record.pcap", record.pcap)):
+                if used:
+                    raise fail(path, f"{name(path)} needs the network: it cannot be used "
+                                     f"with {name('network.enabled')}")
+        return self
+
+
+def part_fields(part: str) -> dict[str, Any]:
+    """The fields of one part ("network"): name -> dataclasses.Field."""
+    return {f.name: f for f in fields(_part_class(part))}
+
+
+def part_names() -> list[str]:
+    return [part.name for part in fields(RunOptions)]
+
+
+def field_type(path: str) -> Any:
+    """The type a field holds ("network.mtu" -> int)."""
+    return _part_hints(path.split(".")[0])[path]
+
+
+# ------------------------------------------------------------------------------------------------
+# Types
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _part_class(part: str) -> type:
+    return _hints(RunOptions)[part]
+
+
+@functools.cache
+def _part_hints(part: str) -> dict[str, Any]:
+    return {f"{part}.{name}": hint for name, hint in _hints(_part_class(part)).items()}
+
+
+def _field(path: str) -> Any:
+    part, name = path.split(".")
+    return part_fields(part)[name]
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """None if `value` is of type `hint`, else what was expected ("an integer")."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return None if value in args and isinstance(value, str) else \
+            "one of " + ", ".join(repr(arg) for arg in args)
+    if origin in (types.UnionType, typing.Union):
+        if any(_type_problem(value, arg) is None for arg in args):
+            return None
+        return " or ".join(_type_problem(object(), arg) or "?" for arg in args
+                           if arg is not type(None))
+    if origin is tuple:
+        item = args[0]
+        if isinstance(value, tuple) and all(_type_problem(v, item) is None for v in value):
+            return None
+        return "a list of " + ("rules (strings)" if item is AllowRule else "strings")
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if isinstance(hint, type):
+        return None if isinstance(value, hint) else hint.__name__
+    raise TypeError(f"options: no check for the type {hint!r}")
+
+
+def _kind(value: Any) -> str:
+    """How a wrong value is described in a message: "a string '1500'", "a list"."""
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    for types_, word in ((int, "an integer"), (float, "a float"), (str, "a string"),
+                         ((list, tuple), "a list"), (dict, "a table")):
+        if isinstance(value, types_):
+            return f"{word} ({value!r})" if isinstance(value, str | int | float) else word
+    return "nothing" if value is None else f"a {type(value).__name__}"
