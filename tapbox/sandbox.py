@@ -77,7 +77,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NoReturn
 
-from tapbox.errors import SetupError
+from tapbox.errors import (
+    EXIT_CANNOT_EXECUTE,
+    EXIT_NOT_FOUND,
+    EXIT_SIGNAL_BASE,
+    EXIT_TAPBOX_FAILED,
+    SetupError,
+    exit_status_for_signal,
+)
 
 __all__ = [
     "SetupError",
@@ -112,10 +119,6 @@ TUN_DEVICE = "/dev/net/tun"
 # How long spawn() waits for the child to report set-up done (pyroute2's import alone is ~0.2 s).
 SETUP_TIMEOUT = 60.0
 
-# Exit statuses of the child before exec (see DESIGN.md "Process model").
-EXIT_SETUP_FAILED = 125
-EXIT_CANNOT_INVOKE = 126
-EXIT_NOT_FOUND = 127
 
 # Control messages on the socketpair.
 _MSG_READY = b"R"  # child -> parent, with the TAP fd as SCM_RIGHTS when network=True
@@ -289,10 +292,10 @@ class Sandbox:
         if msg.startswith(_MSG_ERROR):
             raise SetupError(msg[1:].decode("utf-8", "replace").strip())
         code = self.wait_status()
-        if code > 128:
+        if code > EXIT_SIGNAL_BASE:
             raise SetupError(
-                f"tapbox: the sandbox process was killed by signal {code - 128} during set-up "
-                "(out of memory? killed by someone?): try again"
+                f"tapbox: the sandbox process was killed by signal {code - EXIT_SIGNAL_BASE} "
+                "during set-up (out of memory? killed by someone?): try again"
             )
         raise SetupError(
             f"tapbox: the sandbox process exited during set-up (status {code}) "
@@ -328,7 +331,7 @@ class Sandbox:
             if self._status is None:
                 _pid, status = os.waitpid(self.pid, 0)
                 code = os.waitstatus_to_exitcode(status)
-                self._status = 128 - code if code < 0 else code
+                self._status = exit_status_for_signal(-code) if code < 0 else code
                 if not self._trio_waiting:
                     self._close_pidfd()
             return self._status
@@ -442,7 +445,7 @@ def _child_main(
         libc = _Libc()
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent_pid:  # tapbox died before prctl took effect
-            os._exit(EXIT_SETUP_FAILED)
+            os._exit(EXIT_TAPBOX_FAILED)
         tap_fd = _set_up(libc, config, uid, gid, resolv_path)
         if tap_fd is None:
             sock.send(_MSG_READY)
@@ -450,7 +453,7 @@ def _child_main(
             socket.send_fds(sock, [_MSG_READY], [tap_fd])
             os.close(tap_fd)  # the parent owns it now; CMD must never hold it
         if sock.recv(16) != _MSG_GO:  # EOF: tapbox died or gave up -> never run CMD
-            os._exit(EXIT_SETUP_FAILED)
+            os._exit(EXIT_TAPBOX_FAILED)
         sock.close()
         _restore_signals(libc)
         _exec(config.argv)
@@ -458,7 +461,7 @@ def _child_main(
         _report(sock, str(e))
     except BaseException as e:  # noqa: B036 - anything at all must end in _exit, never return
         _report(sock, f"tapbox: sandbox set-up failed: {type(e).__name__}: {e}")
-    os._exit(EXIT_SETUP_FAILED)
+    os._exit(EXIT_TAPBOX_FAILED)
 
 
 def _report(sock: socket.socket, message: str) -> None:
@@ -471,7 +474,7 @@ def _exec(argv: list[str]) -> NoReturn:
     try:
         os.execvp(argv[0], argv)
     except OSError as e:
-        code = EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_CANNOT_INVOKE
+        code = EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE
         reason = e.strerror or str(e)
         with contextlib.suppress(OSError):
             os.write(2, os.fsencode(f"tapbox: {argv[0]}: {reason}\n"))

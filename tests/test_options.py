@@ -4,6 +4,7 @@ that runs a command from options built in Python."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,26 @@ def test_input_error_carries_its_location() -> None:
                        location="team.toml:3")
     assert str(usage) == "team.toml:3: record.log needs the network"
     assert usage.problem == "record.log needs the network"
+
+
+def _assignments(tree: ast.Module) -> list[tuple[str, Any]]:
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    out.append((target.id, node.value.value))
+    return out
+
+
+def test_exit_statuses_are_defined_only_in_errors() -> None:
+    """One vocabulary: no other module of the package names an exit status of its own."""
+    defined = []
+    for path in sorted((REPO_ROOT / "tapbox").rglob("*.py")):
+        for name, value in _assignments(ast.parse(path.read_text())):
+            if name.startswith("EXIT_") and isinstance(value, int):
+                defined.append((path.relative_to(REPO_ROOT).as_posix(), name))
+    assert defined and {path for path, _ in defined} == {"tapbox/errors.py"}, defined
 
 
 # ------------------------------------------------------------------------------------------------
