@@ -324,4 +324,4 @@ def test_console_script_and_module_entry_points() -> None:
     assert script.returncode == 5, script.stderr
     module = subprocess.run([sys.executable, "-m", "tapbox", "--help"], cwd=REPO_ROOT,
                             env=tapbox_env(), capture_output=True, text=True, timeout=60)
-    assert module.returncode == 0 and "--pcap-limit SIZE" in module.stdout, module.stderr
+    assert module.returncode == 0 and "--profile FILE" in module.stdout, module.stderr

@@ -1,10 +1,12 @@
 """argv -> RunOptions: the `tapbox [options] -- CMD [ARGS...]` command line, translated.
 
 How this works: argparse reads the options (their spellings, help and usage are here); `_FLAGS`
-says which RunOptions field each one sets, and to what. parse_args() turns them into a layer
-and RunOptions.from_layers() validates the result, so the same checks apply however the
-options were given. A problem with the command line is a usage error (argparse's message,
-exit 125).
+says which RunOptions field each one sets, and to what. parse_args() stacks the layers -- the
+-p profiles in order, then the command line -- and RunOptions.from_layers() validates the
+result, so the same checks apply however the options were given. The command line adds to a
+profile's allowlist rules and files and replaces its other values. A problem with the command
+line is a usage error (argparse's message, exit 125); a problem in a profile is reported as
+`FILE:LINE: what is wrong` (tapbox.profile).
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="FILE", help="allowlist file (may repeat; rules merge)")
     parser.add_argument("--allow", dest="rules", action="append", default=[], metavar="RULE",
                         help="one allowlist rule (may repeat)")
+    parser.add_argument("-p", "--profile", dest="profiles", action="append", default=[],
+                        metavar="FILE",
+                        help="options from a TOML profile (docs/profiles.md; may repeat): "
+                             "command-line rules and files add to its own, other options "
+                             "replace its values")
     parser.add_argument("--dns-upstream", action="append", default=[], metavar="ADDR[:PORT]",
                         help="DNS server to resolve allowed names with (default: the host's "
                              "resolv.conf)")
@@ -96,8 +103,8 @@ _FLAGS: list[tuple[str, str, str, Callable[[Any], Any]]] = [
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The command line as argparse reads it, plus `command` (CMD and its arguments) and
-    `options` (RunOptions from the options). A usage error exits through argparse
-    (SystemExit 2)."""
+    `options` (RunOptions from the profiles and the options). A usage error exits through
+    argparse (SystemExit 2); a profile that cannot be used raises ProfileError."""
     parser = build_parser()
     args = parser.parse_args(argv)
     command = list(args.command)
@@ -112,8 +119,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             args.pcap_limit = parse_size(args.pcap_limit)
         except ValueError as exc:
             parser.error(f"--pcap-limit: {exc}")
+    layers = []
+    if args.profiles:
+        from tapbox.profile import load_profile
+
+        layers = [load_profile(path) for path in args.profiles]
     try:
-        args.options = RunOptions.from_layers(command_line_layer(args))
+        args.options = RunOptions.from_layers(*layers, command_line_layer(args))
     except UsageError as exc:
         parser.error(str(exc))
     args.command = command
