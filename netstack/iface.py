@@ -544,6 +544,9 @@ class Interface:
     def tcp_ack_due(self, conn: TcpConnection) -> None:
         self._ack_due.append(conn)
 
+    def tcp_dropped(self, conn: TcpConnection, reason: str) -> None:
+        self.drops[reason] += 1
+
     def tcp_timer_changed(self, conn: TcpConnection) -> None:
         # One heap entry per connection at a time, at its earliest deadline; a later deadline
         # waits for that entry to fire and re-arm (timers are checked, so early is harmless).
