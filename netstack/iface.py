@@ -11,8 +11,11 @@ machine in `netstack.tcp`, with data moved by `tcp_send` / `tcp_recv`.
 
 Output is pull-based: `take_frames()` returns the frames to write to the TAP device (ACKs
 owed for a batch of received segments are coalesced into one and generated there),
-`take_events()` what happened. Timers are data: `poll_at()` is the next deadline, `poll(now)`
-runs what is due. The stack never reads a clock and does no I/O.
+`take_events()` what happened. No packet larger than the link takes is ever built: one that
+would not fit the MTU (or the 16-bit IP length fields) is dropped and counted ("out-too-big"),
+and `udp_payload_limit()` tells the caller how much one datagram may carry. Timers are data:
+`poll_at()` is the next deadline, `poll(now)` runs what is due. The stack never reads a clock
+and does no I/O.
 """
 
 from __future__ import annotations
@@ -92,6 +95,10 @@ class Interface:
         self.trusted = False  # this frame's TCP/UDP checksum was vouched for by the kernel
         self.mss_limit = min(cfg.mtu - ipv4.MIN_HEADER_LEN - tcp.MIN_HEADER_LEN, 0xFFFF)
         self.mss_limit6 = min(cfg.mtu - ipv6.HEADER_LEN - tcp.MIN_HEADER_LEN, 0xFFFF)
+        # The largest packet we send: the MTU, and the 16-bit total length of IPv4
+        # (RFC 791 §3.1) and payload length of IPv6 (RFC 8200 §3).
+        self.packet_limit = min(cfg.mtu, 0xFFFF)
+        self.packet_limit6 = min(cfg.mtu, ipv6.HEADER_LEN + 0xFFFF)
         self.drops: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
         self._frames: list[bytes | bytearray] = []
@@ -425,13 +432,24 @@ class Interface:
             conn.abort(reason)
             self._forget(key, conn)
 
-    def udp_send(self, flow: ev.Flow, payload: bytes | bytearray | memoryview) -> None:
-        """A datagram to the sandbox's end of `flow`, from the destination it talked to."""
+    def udp_payload_limit(self, flow: ev.Flow) -> int:
+        """The most payload one datagram to the sandbox's end of `flow` can carry."""
+        if ":" in flow.src:
+            return self.packet_limit6 - ipv6.HEADER_LEN - udp.HEADER_LEN
+        return self.packet_limit - ipv4.MIN_HEADER_LEN - udp.HEADER_LEN
+
+    def udp_send(self, flow: ev.Flow, payload: bytes | bytearray | memoryview) -> bool:
+        """A datagram to the sandbox's end of `flow`, from the destination it talked to.
+
+        False (and counted as dropped) if it is larger than `udp_payload_limit(flow)`."""
+        if len(payload) > self.udp_payload_limit(flow):
+            self.drops["out-too-big"] += 1
+            return False
         sandbox, remote = _ip_bytes(flow.src), _ip_bytes(flow.dst)
         pseudo = checksum.pseudo_header_sum(remote, sandbox, ipv4.PROTO_UDP,
                                             udp.HEADER_LEN + len(payload))
-        self._send_ip(remote, sandbox, ipv4.PROTO_UDP,
-                      udp.datagram(flow.dport, flow.sport, payload, pseudo))
+        return self._send_ip(remote, sandbox, ipv4.PROTO_UDP,
+                             udp.datagram(flow.dport, flow.sport, payload, pseudo))
 
     def udp_unreachable(self, datagram: ev.UdpDatagram) -> None:
         """Port unreachable for a datagram (RFC 792 / RFC 4443 §3.1), from its destination."""
@@ -582,6 +600,8 @@ class Interface:
                   payload: bytes | bytearray | memoryview = b"", options: bytes = b"") -> None:
         sandbox_ip, sandbox_port, remote_ip, remote_port = key
         seg_len = tcp.MIN_HEADER_LEN + len(options) + len(payload)
+        if not self._fits(remote_ip, seg_len):
+            return
         start = self.prefix + (ETH_IP_HEADERS if len(remote_ip) == 4 else ETH_IP6_HEADERS)
         frame = bytearray(start + seg_len)
         self._write_headers(frame, remote_ip, sandbox_ip, ipv4.PROTO_TCP, seg_len)
@@ -593,13 +613,27 @@ class Interface:
             vnet.write_partial(frame, start - self.prefix, tcp.CHECKSUM_OFFSET)
         self._frames.append(frame)
 
+    def _fits(self, src: bytes, payload_len: int) -> bool:
+        """Whether an IP packet from `src` carrying `payload_len` bytes fits the link; if not,
+        the drop is counted."""
+        if len(src) == 4:
+            fits = ipv4.MIN_HEADER_LEN + payload_len <= self.packet_limit
+        else:
+            fits = ipv6.HEADER_LEN + payload_len <= self.packet_limit6
+        if not fits:
+            self.drops["out-too-big"] += 1
+        return fits
+
     def _send_ip(self, src: bytes, dst: bytes, proto: int, body: bytes,
-                 hop_limit: int = ipv6.DEFAULT_HOP_LIMIT) -> None:
+                 hop_limit: int = ipv6.DEFAULT_HOP_LIMIT) -> bool:
+        if not self._fits(src, len(body)):
+            return False
         start = self.prefix + (ETH_IP_HEADERS if len(src) == 4 else ETH_IP6_HEADERS)
         frame = bytearray(start + len(body))
         self._write_headers(frame, src, dst, proto, len(body), hop_limit)
         frame[start:] = body
         self._frames.append(frame)
+        return True
 
     def _send_icmpv6(self, src: bytes, dst: bytes, icmp_type: int, body: bytes,
                      hop_limit: int = ipv6.DEFAULT_HOP_LIMIT, code: int = 0) -> None:

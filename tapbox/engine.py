@@ -496,7 +496,8 @@ class Engine:
                 await proxy.writable.wait()
 
     async def _answer_dns_udp(self, datagram: ev.UdpDatagram) -> None:
-        reply = await self.forwarder.answer(datagram.payload)
+        limit = self.stack.udp_payload_limit(datagram.flow)
+        reply = await self.forwarder.answer(datagram.payload, udp_limit=limit)
         if reply is not None:
             self.stack.udp_send(datagram.flow, reply)
             self._service()

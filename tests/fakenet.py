@@ -150,10 +150,14 @@ big.example         TXT   "{filler}5"
 big.example         TXT   "{filler}6"
 big.example         TXT   "{filler}7"
 big.example         TXT   "{filler}8"
-""".replace("{filler}", "x" * 100)
+""".replace("{filler}", "x" * 100) + "".join(
+    f'huge.example        TXT   "{i:03d}{"h" * 252}"\n' for i in range(243)
+) + f'huge.example        TXT   "{"l" * 255}" "{"m" * 80}"\n'
 """The ``test.`` zone. ``big.example.test`` TXT (~1 KB) does not fit a plain 512-byte UDP answer:
-it comes back with TC set, for testing TCP fallback. ``c.wild.test`` is an empty non-terminal
-(NOERROR, no data). There is deliberately no DNS wildcard: ``*.wild.test`` is an allowlist rule."""
+it comes back with TC set, for testing TCP fallback. ``huge.example.test`` TXT is 65,519 bytes
+over TCP with EDNS: more than one UDP datagram can carry (65,507 bytes over IPv4).
+``c.wild.test`` is an empty non-terminal (NOERROR, no data). There is deliberately no DNS
+wildcard: ``*.wild.test`` is an allowlist rule."""
 
 # ------------------------------------------------------------------------------------------------
 # The namespace
@@ -395,8 +399,8 @@ class FakeZone:
         if query.flags & dns.flags.QR:
             return None, qname, qtype
         response = self.respond(query)
-        if max_size is None:
-            return response.to_wire(), qname, qtype
+        if max_size is None:  # TCP (RFC 7766 §8): any size up to 65535, whatever EDNS says
+            return response.to_wire(max_size=65535), qname, qtype
         limit = 512
         if query.edns >= 0:
             limit = max(512, min(query.payload, 4096))
