@@ -2,8 +2,9 @@
 
 Everything that can fail is done before the command runs (the allowlist parses, the DNS
 upstream is known, the sandbox is set up, the engine reads the TAP device); only then is the
-sandbox told to exec. If the engine fails afterwards, the command is killed: tapbox never
-leaves a command running without its firewall.
+sandbox told to exec. If the engine fails afterwards, for whatever reason, the command is
+killed at once, tapbox says so in one line and exits 125: tapbox never leaves a command
+running without its firewall.
 
 Recording (docs/audit.md) is set up in the same spirit: the --log and --pcap files are opened,
 and a --learn file is read, before the sandbox exists, so a bad path stops tapbox with 125
@@ -254,8 +255,10 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
             with trio.move_on_after(DRAIN_TIMEOUT):
                 await engine.drain()
             nursery.cancel_scope.cancel()
-    except EngineError as exc:
-        audit.say(f"the network engine failed ({exc}); the command was stopped")
+    except Exception as exc:  # the engine died (an ExceptionGroup from the nurseries)
+        sandbox.kill()
+        audit.say(f"the network engine failed ({_engine_failure(exc, EngineError)}); "
+                  "the command was stopped")
         if recording.learner is not None:
             audit.say(f"learn: the run did not complete; {recording.learner.path} left as it was")
             recording.learner = None
@@ -268,6 +271,23 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
                                                      in sorted(drops.items())))
         _finish(audit, recording, status)
     return _learn(audit, recording, status)
+
+
+def _engine_failure(exc: BaseException, engine_error: type[Exception]) -> str:
+    """One line on why the engine died: the TAP device's failure, or the first error found."""
+    leaves = _leaves(exc)
+    for leaf in leaves:
+        if isinstance(leaf, engine_error):
+            return str(leaf)
+    first = leaves[0]
+    text = " ".join(str(first).split())
+    return f"internal error: {type(first).__name__}" + (f": {text}" if text else "")
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 def _finish(audit: Audit, recording: Recording, status: int) -> None:

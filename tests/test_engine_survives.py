@@ -9,12 +9,27 @@
 
 from __future__ import annotations
 
+import io
 import json
+import socket
+import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
-from conftest import RunTapbox
+import trio
+from conftest import REPO_ROOT, RunTapbox, build_tapbox_argv, kill_group, tapbox_env
 from fakenet import FakeNet
+from netstack_helpers import ip_frame
+from scapy.layers.inet import TCP
+from scapy.layers.l2 import Ether
+
+from tapbox.allowlist import Allowlist, IPAddress
+from tapbox.audit import Audit
+from tapbox.dns import DnsForwarder
+from tapbox.engine import Engine, EngineError
+from tapbox.policy import Decision, Policy
+from tapbox.runner import _engine_failure
 
 # Asks 10.0.2.3 for huge.example.test TXT over UDP with a 65535-byte EDNS buffer, then over TCP.
 DNS_PROBE = textwrap.dedent("""
@@ -54,3 +69,154 @@ def test_dns_answer_is_cut_to_a_small_mtu(run_tapbox: RunTapbox, fakenet: FakeNe
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["udp_tc"] is True and result["udp_size"] <= 576 - 28, result
     assert result["tcp_records"] == 9 and result["tcp_tc"] is False, result
+
+
+# Opens TCP connections to an allowed server and keeps them open until tapbox runs out of file
+# descriptors and refuses some; a datagram then; closes everything; then both work again.
+FD_PROBE = textwrap.dedent("""
+    import json, socket, time
+    out = {"connected": 0, "refused": 0, "errors": []}
+    held = []
+    for _ in range(30):
+        s = socket.socket()
+        s.settimeout(5)
+        try:
+            s.connect(("192.0.2.10", 80))
+        except ConnectionRefusedError:
+            out["refused"] += 1
+            s.close()
+            if out["refused"] >= 3:
+                break
+            continue
+        except OSError as exc:
+            out["errors"].append(repr(exc))
+            s.close()
+            break
+        out["connected"] += 1
+        held.append(s)
+
+    def udp():
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.settimeout(3)
+        u.connect(("192.0.2.10", 5353))
+        try:
+            u.send(b"ping")
+            return "echo" if u.recv(100) == b"ping" else "other"
+        except ConnectionRefusedError:
+            return "refused"
+        except OSError as exc:
+            return repr(exc)
+        finally:
+            u.close()
+
+    out["udp_while_full"] = udp()
+    for s in held:
+        s.close()
+    out["hello_after"] = None
+    for _ in range(50):  # tapbox closes its host sockets once the server has closed too
+        time.sleep(0.1)
+        try:
+            with socket.create_connection(("192.0.2.10", 80), timeout=5) as s:
+                s.sendall(b"HELLO\\n")
+                out["hello_after"] = s.recv(100).decode().strip()
+                break
+        except ConnectionRefusedError:
+            continue
+    out["udp_after"] = udp()
+    print(json.dumps(out))
+""")
+
+
+def test_running_out_of_file_descriptors_ends_flows_not_the_engine(
+        tmp_path: Path, fakenet: FakeNet) -> None:
+    log = tmp_path / "run.jsonl"
+    argv = build_tapbox_argv(tmp_path, ["--log", str(log)], [sys.executable, "-c", FD_PROBE],
+                             allow=["192.0.2.10"])
+    # tapbox needs about 15 descriptors of its own: a limit of 40 runs out after ~25 flows.
+    proc = subprocess.Popen(["prlimit", "--nofile=40:40", "--", *argv], cwd=REPO_ROOT,
+                            env=tapbox_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=90)
+    finally:
+        kill_group(proc)
+    described = f"exit {proc.returncode}\nstdout:\n{out}\nstderr:\n{err}"
+    assert proc.returncode == 0, described
+    assert "Traceback" not in err, described
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["connected"] >= 5 and result["refused"] >= 1, result
+    assert result["udp_while_full"] == "refused", result
+    assert result["hello_after"] == "hello from 192.0.2.10:80", result
+    assert result["udp_after"] == "echo", result
+    ends = [json.loads(line) for line in log.read_text().splitlines()]
+    ends = [e for e in ends if e["event"] == "flow_end"]
+    failed = {e["proto"] for e in ends if "Too many open files" in (e["ending_detail"] or "")}
+    assert failed == {"tcp", "udp"}, [e for e in ends if e["ending"] != "closed"]
+
+
+def test_when_the_engine_dies_tapbox_exits_125_with_one_line_and_the_command_dies(
+        run_tapbox: RunTapbox, fakenet: FakeNet) -> None:
+    """The test-only fault seam makes the engine raise at the first frame; the command would
+    sleep for five minutes (and hold tapbox's stdout open) if it were left running."""
+    sleeper = ("import socket, time\n"
+               "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', "
+               "('192.0.2.10', 5353))\n"
+               "time.sleep(300)\n")
+    proc = run_tapbox(cmd=[sys.executable, "-c", sleeper], allow=["192.0.2.10"],
+                      env={"TAPBOX_TEST_FAULTS": "fail_after=1"}, timeout=30)
+    described = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 125, described
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, described
+    assert lines[0].startswith("tapbox: the network engine failed"), described
+    assert "injected" in lines[0], described
+
+
+# ----- the same, one level down: an engine on a socketpair instead of a TAP device -----------
+
+
+class _ExplodingPolicy(Policy):
+    """Denies everything, and fails outright for port 666 (a stand-in for any bug)."""
+
+    def decide(self, ip: str | IPAddress, port: int, now: float) -> Decision:
+        if port == 666:
+            raise RuntimeError("boom")
+        return super().decide(ip, port, now)
+
+
+def test_an_error_in_one_flow_ends_that_flow_not_the_engine() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    said = io.StringIO()
+    policy = _ExplodingPolicy(Allowlist([]))
+    engine = Engine(ours.fileno(), policy, DnsForwarder(policy, []), Audit(stream=said))
+
+    def syn(dport: int) -> bytes:
+        return ip_frame(TCP(sport=40000 + dport, dport=dport, flags="S", seq=1000))
+
+    def answer() -> TCP:
+        theirs.settimeout(5)
+        return Ether(theirs.recv(65536))[TCP]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            for dport in (666, 80, 666):
+                theirs.send(syn(dport))
+                reply = await trio.to_thread.run_sync(answer)
+                assert (reply.dport, str(reply.flags)) == (40000 + dport, "RA")
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    ours.close()
+    theirs.close()
+    assert engine.internal_errors == {"RuntimeError": 2}
+    assert said.getvalue().count("internal error in the network engine (RuntimeError)") == 1
+    assert engine.drop_counts()["engine-internal-error-RuntimeError"] == 2
+
+
+def test_the_failure_named_is_the_tap_device_s_when_there_is_one() -> None:
+    group = ExceptionGroup("engine", [ValueError("x"),
+                                      ExceptionGroup("inner", [EngineError("TAP closed")])])
+    assert _engine_failure(group, EngineError) == "TAP closed"
+    assert _engine_failure(ExceptionGroup("e", [KeyError("k")]), EngineError) == \
+        "internal error: KeyError: 'k'"
