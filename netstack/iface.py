@@ -81,6 +81,25 @@ def _ip_text(raw: bytes) -> str:
     return ipaddress.IPv6Address(raw).compressed
 
 
+def _unroutable_ipv4(dst: bytes) -> bool:
+    """Never a destination (RFC 1122 §3.2.1.3, RFC 5735): "this network" 0/8, loopback
+    127/8, multicast and the reserved range above it, limited broadcast."""
+    return dst[0] >= 224 or dst[0] in (0, 127)
+
+
+def _flow(proto: str, src: bytes, sport: int, dst: bytes, dport: int) -> ev.Flow:
+    """The flow as reported: an IPv4 address in an IPv6 form is given as IPv4, `via` the form."""
+    embedded = ipv6.embedded_ipv4(dst) if len(dst) == 16 else None
+    if embedded is None:
+        return ev.Flow(proto, _ip_text(src), sport, _ip_text(dst), dport)
+    return ev.Flow(proto, _ip_text(src), sport, _ip_text(embedded), dport, _ip_text(dst))
+
+
+def _remote_bytes(flow: ev.Flow) -> bytes:
+    """The address the sandbox sent `flow` to, as written: replies come from it."""
+    return _ip_bytes(flow.via or flow.dst)
+
+
 class Interface:
     def __init__(self, config: InterfaceConfig | None = None) -> None:
         self.config = cfg = config or InterfaceConfig()
@@ -177,7 +196,7 @@ class Interface:
             return "ipv4-foreign-source"
         if hdr.is_fragment:
             return "ipv4-fragment"
-        if hdr.dst[0] >= 224 or hdr.dst == b"\xff\xff\xff\xff" or hdr.dst[0] in (0, 127):
+        if _unroutable_ipv4(hdr.dst):
             return "ipv4-bad-destination"
         self.sandbox_mac = src_mac
         if hdr.ttl <= 1 and hdr.dst not in self.local_ips:
@@ -200,6 +219,12 @@ class Interface:
         hdr = ipv6.parse(pkt)
         if isinstance(hdr, str):
             return hdr
+        embedded = ipv6.embedded_ipv4(hdr.dst)
+        if embedded is not None and (_unroutable_ipv4(embedded) or embedded == self.sandbox_ip
+                                     or embedded in self.local_ips):
+            # An IPv4 address in an IPv6 form is judged as that address: what IPv4 refuses,
+            # and our own addresses and the sandbox's, are not reached this way either.
+            return "ipv6-bad-destination"
         body = pkt[hdr.upper_offset:ipv6.HEADER_LEN + hdr.payload_len]
         if hdr.proto == ipv6.PROTO_ICMPV6:
             return self._icmpv6(hdr, body, pkt, src_mac)
@@ -281,7 +306,7 @@ class Interface:
 
     def _echo_event(self, src: bytes, dst: bytes, body: memoryview) -> None:
         ident, seqno = int.from_bytes(body[4:6], "big"), int.from_bytes(body[6:8], "big")
-        flow = ev.Flow("icmp", _ip_text(src), ident, _ip_text(dst), 0)
+        flow = _flow("icmp", src, ident, dst, 0)
         self._events.append(ev.IcmpEchoRequest(flow, ident, seqno, bytes(body[8:])))
 
     def _hop_limit_exceeded(self, pkt: memoryview) -> str:
@@ -299,7 +324,7 @@ class Interface:
         sport, dport, payload = parsed
         if sport == 0 or dport == 0:
             return "udp-port-zero"
-        flow = ev.Flow("udp", _ip_text(src), sport, _ip_text(dst), dport)
+        flow = _flow("udp", src, sport, dst, dport)
         self._events.append(ev.UdpDatagram(flow, bytes(payload), bytes(quote)))
         return None
 
@@ -361,7 +386,7 @@ class Interface:
         # Data on a SYN is not kept: our SYN-ACK acknowledges only the SYN, so the sender
         # sends it again once the connection is open (RFC 9293 §3.10.7.2 allows either).
         seg.payload = memoryview(b"")
-        flow = ev.Flow("tcp", _ip_text(key[0]), seg.sport, _ip_text(key[2]), seg.dport)
+        flow = _flow("tcp", key[0], seg.sport, key[2], seg.dport)
         self._pending[key] = (seg, flow)
         self._by_flow[flow] = key
         self._events.append(ev.TcpConnectRequest(flow))
@@ -445,7 +470,7 @@ class Interface:
         if len(payload) > self.udp_payload_limit(flow):
             self.drops["out-too-big"] += 1
             return False
-        sandbox, remote = _ip_bytes(flow.src), _ip_bytes(flow.dst)
+        sandbox, remote = _ip_bytes(flow.src), _remote_bytes(flow)
         pseudo = checksum.pseudo_header_sum(remote, sandbox, ipv4.PROTO_UDP,
                                             udp.HEADER_LEN + len(payload))
         return self._send_ip(remote, sandbox, ipv4.PROTO_UDP,
@@ -453,7 +478,7 @@ class Interface:
 
     def udp_unreachable(self, datagram: ev.UdpDatagram) -> None:
         """Port unreachable for a datagram (RFC 792 / RFC 4443 §3.1), from its destination."""
-        src, dst = _ip_bytes(datagram.flow.dst), _ip_bytes(datagram.flow.src)
+        src, dst = _remote_bytes(datagram.flow), _ip_bytes(datagram.flow.src)
         if len(src) == 4:
             self._send_ip(src, dst, ipv4.PROTO_ICMP,
                           icmp.unreachable(icmp.CODE_PORT_UNREACHABLE, datagram.quote))
@@ -464,7 +489,7 @@ class Interface:
 
     def icmp_echo_reply(self, request: ev.IcmpEchoRequest, payload: bytes | memoryview) -> None:
         """Answer a ping from the sandbox, from the address it pinged."""
-        src, dst = _ip_bytes(request.flow.dst), _ip_bytes(request.flow.src)
+        src, dst = _remote_bytes(request.flow), _ip_bytes(request.flow.src)
         if len(src) == 4:
             self._send_ip(src, dst, ipv4.PROTO_ICMP,
                           icmp.echo(icmp.TYPE_ECHO_REPLY, request.ident, request.seq, payload))
@@ -477,7 +502,7 @@ class Interface:
         """Tell the sandbox its ping is not allowed: administratively prohibited, from the
         gateway (RFC 1812 §5.2.7.1, RFC 4443 §3.1 code 1)."""
         flow = request.flow
-        if ":" not in flow.dst:
+        if ":" not in flow.src:
             original = self._echo_packet(flow, request, 4)
             self._send_ip(_ip_bytes(self.config.gateway_ip), self.sandbox_ip, ipv4.PROTO_ICMP,
                           icmp.unreachable(icmp.CODE_ADMIN_PROHIBITED, original))
@@ -489,7 +514,7 @@ class Interface:
 
     def _echo_packet(self, flow: ev.Flow, request: ev.IcmpEchoRequest, size: int) -> bytes:
         """The start of the sandbox's echo request, rebuilt for quoting in an error."""
-        src, dst = _ip_bytes(flow.src), _ip_bytes(flow.dst)
+        src, dst = _ip_bytes(flow.src), _remote_bytes(flow)
         head = request.ident.to_bytes(2, "big") + request.seq.to_bytes(2, "big")
         if size == 4:
             body = icmp.echo(icmp.TYPE_ECHO_REQUEST, request.ident, request.seq, request.payload)

@@ -15,6 +15,9 @@ Each new flow is decided by the policy before anything leaves the machine:
 - UDP: one connected host socket per flow, closed after an idle timeout; denied -> ICMP port
   unreachable. Datagrams to the DNS address go to `tapbox.dns` instead.
 Addresses inside the sandbox's own network are never proxied (only DNS there is served).
+A flow's `dst` is always the address decided on (an IPv4 address the sandbox wrote in an IPv6
+form is given as IPv4 by the stack); the host socket goes to that address, except that a NAT64
+form (64:ff9b::/96) is reached through the host's own translator, as the sandbox asked.
 
 Nothing one flow provokes ends the engine: a host socket that cannot be opened (EMFILE...) or
 fails ends that flow (RST or ICMP unreachable to the sandbox, its ending logged), and anything
@@ -40,6 +43,7 @@ import trio
 
 from netstack import events as ev
 from netstack.iface import Interface, InterfaceConfig
+from netstack.wire.ipv6 import NAT64_PREFIX
 from tapbox.attribution import Attributor
 from tapbox.audit import Audit
 from tapbox.dns import DnsForwarder, TcpDnsFramer
@@ -377,7 +381,7 @@ class Engine:
             # One cancel scope for the whole life of the flow: a reset from the sandbox, a
             # failed send to the host, or the stack giving up on the pending SYN ends it.
             with proxy.cancel:
-                sock = pysocket.socket(_family(flow), pysocket.SOCK_STREAM)  # EMFILE...
+                sock = pysocket.socket(_family(_reach(flow)), pysocket.SOCK_STREAM)  # EMFILE
                 sock.setblocking(False)
                 proxy.sock = sock
                 error = await self._connect(sock, flow)
@@ -424,7 +428,7 @@ class Engine:
 
     async def _connect(self, sock: pysocket.socket, flow: ev.Flow) -> str | None:
         """None once connected, else how the host-side connect failed."""
-        code = sock.connect_ex((flow.dst, flow.dport))
+        code = sock.connect_ex((_reach(flow), flow.dport))
         if code == errno.EINPROGRESS:
             with trio.move_on_after(self.config.connect_timeout):
                 await trio.lowlevel.wait_writable(sock)
@@ -572,7 +576,7 @@ class Engine:
             return
         quote = [datagram.quote]  # of the latest datagram, for an ICMP error back
         relay = self.udp.get(flow) or self._open_relay(
-            flow, pysocket.SOCK_DGRAM, 0, (flow.dst, flow.dport),
+            flow, pysocket.SOCK_DGRAM, 0, (_reach(flow), flow.dport),
             deliver=lambda data: self.stack.udp_send(flow, data),
             refused=lambda: self.stack.udp_unreachable(ev.UdpDatagram(flow, b"", quote[0])),
             reject=lambda: self.stack.udp_unreachable(datagram))
@@ -583,7 +587,8 @@ class Engine:
     def _on_echo(self, request: ev.IcmpEchoRequest) -> None:
         """Ping through an unprivileged ICMP socket (the kernel sets the identifier)."""
         flow = request.flow
-        v6 = ":" in flow.dst
+        target = _reach(flow)
+        v6 = ":" in target
         proto = pysocket.IPPROTO_ICMPV6 if v6 else pysocket.IPPROTO_ICMP
 
         def deliver(reply: bytes) -> None:
@@ -593,7 +598,7 @@ class Engine:
                                            reply[8:])
 
         relay = self.udp.get(flow) or self._open_relay(
-            flow, pysocket.SOCK_DGRAM, proto, (flow.dst, 0), deliver=deliver,
+            flow, pysocket.SOCK_DGRAM, proto, (target, 0), deliver=deliver,
             refused=lambda: self.stack.icmp_unreachable(request),
             reject=lambda: self.stack.icmp_unreachable(request))
         if relay is not None:
@@ -610,7 +615,7 @@ class Engine:
             self._refuse(record, reject)
             return None
         try:
-            sock = pysocket.socket(_family(flow), kind, proto)
+            sock = pysocket.socket(_family(address[0]), kind, proto)
         except PermissionError:  # ICMP sockets need the group in net.ipv4.ping_group_range
             reject()
             self._end(record, "ping not permitted on this host (net.ipv4.ping_group_range)")
@@ -678,8 +683,16 @@ class Engine:
             self._end(relay.record, ending)
 
 
-def _family(flow: ev.Flow) -> int:
-    return pysocket.AF_INET6 if ":" in flow.dst else pysocket.AF_INET
+def _family(address: str) -> int:
+    return pysocket.AF_INET6 if ":" in address else pysocket.AF_INET
+
+
+def _reach(flow: ev.Flow) -> str:
+    """Where the host socket goes: the address decided on, or a NAT64 form as written (the
+    host's translator reaches the IPv4 address in it, RFC 6052)."""
+    if flow.via and ipaddress.IPv6Address(flow.via).packed[:12] == NAT64_PREFIX:
+        return flow.via
+    return flow.dst
 
 
 def _linger_zero(sock: trio.socket.SocketType) -> None:
