@@ -159,6 +159,14 @@ def run(args: argparse.Namespace) -> int:
 def _run_sandbox(args: argparse.Namespace, network: bool, rules: list[Rule] | None = None,
                  recording: Recording | None = None) -> int:
     upstreams = _upstreams(args) if network else []
+    host: list[str] = []  # the host's own addresses, guarded like its loopback
+
+    def meanwhile() -> None:
+        from tapbox.hostaddrs import host_addresses
+
+        _import_engine()
+        host.extend(host_addresses())
+
     if network and not upstreams and any(r.name for r in rules or []):
         print("tapbox: no DNS upstream (none in /etc/resolv.conf; use --dns-upstream): "
               "names will not resolve", file=sys.stderr)
@@ -171,7 +179,7 @@ def _run_sandbox(args: argparse.Namespace, network: bool, rules: list[Rule] | No
         sandbox = Sandbox.spawn(SandboxConfig(argv=args.command, network=network,
                                               mtu=args.mtu, root=args.root,
                                               ipv6=args.ipv6_enabled, resolv_conf=resolv),
-                                meanwhile=_import_engine if network else None)
+                                meanwhile=meanwhile if network else None)
     except BaseException:
         forwarder.restore()
         raise
@@ -184,7 +192,7 @@ def _run_sandbox(args: argparse.Namespace, network: bool, rules: list[Rule] | No
         import trio
 
         return trio.run(_serve, sandbox, rules or [], upstreams, args,
-                        recording or Recording())
+                        recording or Recording(), host)
     finally:
         forwarder.stop()
         if sandbox.returncode is None:
@@ -194,7 +202,7 @@ def _run_sandbox(args: argparse.Namespace, network: bool, rules: list[Rule] | No
 
 
 async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str, int]],
-                 args: argparse.Namespace, recording: Recording) -> int:
+                 args: argparse.Namespace, recording: Recording, host: list[str]) -> int:
     import trio
 
     from netstack.iface import InterfaceConfig
@@ -202,6 +210,7 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
     from tapbox.dns import DnsForwarder
     from tapbox.engine import Engine, EngineConfig, EngineError
     from tapbox.faults import ENV_VAR, FaultSpec
+    from tapbox.guard import Guard
     from tapbox.policy import Policy
     from tapbox.summary import Summary
 
@@ -219,12 +228,13 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
         sandbox_pid=sandbox.pid, allowlist=recording.sources, rules=len(rules),
         dns_upstreams=[f"{host}:{port}" for host, port in upstreams],
         pcap=getattr(args, "pcap", None))
+    guard = Guard(host)
     if audit_mode:
         from tapbox.auditpolicy import AuditPolicy
 
-        policy: Policy = AuditPolicy(Allowlist(rules))
+        policy: Policy = AuditPolicy(Allowlist(rules), guard=guard)
     else:
-        policy = Policy(Allowlist(rules))
+        policy = Policy(Allowlist(rules), guard=guard)
     ipv6 = bool(getattr(args, "ipv6_enabled", False))
     dns = DnsForwarder(policy, upstreams, on_event=audit.dns, aaaa=ipv6)
     faults = FaultSpec.parse(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else None

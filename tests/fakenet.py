@@ -162,6 +162,8 @@ edge.cdn            A     198.51.100.20
 denied              A     203.0.113.7
 meta.example        A     169.254.169.254
 loop.example        A     127.0.0.1
+self.example        A     192.0.2.1
+self.example        AAAA  2001:db8::2
 txt.example         TXT   "hello"
 big.example         TXT   "{filler}"
 big.example         TXT   "{filler}1"
