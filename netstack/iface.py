@@ -553,7 +553,11 @@ class Interface:
             key = conn.key
             if self._conns.get(key) is not conn:
                 continue
-            conn.on_timer(now)
+            try:
+                conn.on_timer(now)
+            except Exception as exc:  # a bug, not input: that connection ends, not the stack
+                self.drops[f"internal-error-{type(exc).__name__}"] += 1
+                conn.abort("internal error")
             if conn.state == State.CLOSED:
                 self._forget(key, conn)
             else:

@@ -1,8 +1,9 @@
-"""netstack never builds a packet larger than the link takes: it drops and counts instead.
+"""netstack never raises into the engine: not for an oversize packet, not for a failing timer.
 
 A DNS answer or a UDP/ICMP reply from the host can be far larger than one datagram to the
 sandbox may be (the IPv4 total length is 16 bits, and the link has its MTU); the stack refuses
 to frame it (`udp_send` returns False, the drop is counted) rather than raise out of the engine.
+A connection whose timer fails (a bug) is reset and counted, as a frame that fails is dropped.
 """
 
 from __future__ import annotations
@@ -58,3 +59,23 @@ def test_oversize_echo_reply_is_dropped_and_counted() -> None:
     assert iface.drops == {"out-too-big": 1}
     iface.icmp_echo_reply(request, b"p" * (1500 - 28))
     assert len(iface.take_frames()) == 1
+
+
+def test_a_failing_timer_ends_its_connection_not_the_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    from netstack_helpers import Peer
+
+    from netstack.tcp import TcpConnection
+
+    peer = Peer(make_iface())
+    peer.handshake()
+    peer.iface.tcp_send(peer.flow, b"data", peer.now)  # arms the retransmission timer
+    peer.take_frames()
+
+    def broken(self: TcpConnection, now: float) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(TcpConnection, "on_timer", broken)
+    peer.advance(5.0)
+    assert peer.iface.drops["internal-error-RuntimeError"] == 1
+    assert peer.state() is None  # reset and forgotten
+    assert [str(s.flags) for s in peer.segments()] == ["RA"]
