@@ -69,10 +69,13 @@ def _raise_fd_limit() -> None:
 
 
 def _import_engine() -> None:
-    """The engine's imports (trio, dnspython, the stack): done while the sandbox child sets
-    itself up, so the two costs overlap instead of adding up."""
+    """The engine's imports (trio, dnspython, the stack, and what the audit layer imports
+    lazily): done while the sandbox child sets itself up, so the two costs overlap instead of
+    adding up, and before the run, when an import may find no file descriptor left to read
+    its module with."""
     import tapbox.dns  # noqa: F401
     import tapbox.engine  # noqa: F401
+    import tapbox.eventlog  # noqa: F401
 
 
 def _upstreams(args: argparse.Namespace) -> list[tuple[str, int]]:
