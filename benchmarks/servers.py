@@ -11,8 +11,10 @@ network namespace, so nothing here can be reached from, or reach, beyond this ma
 ``hold``  TCP 192.0.2.10:7003   keeps every connection open, echoes what arrives, closes on EOF;
                                 one selector thread for any number of connections.
 ``http``  TCP 192.0.2.10:8080   answers any request with a small HTTP/1.1 200 and closes.
-``dns``   UDP 198.51.100.53:53  authoritative for ``test.``: ``bench.test`` A 192.0.2.10; other
-                                names in the zone NXDOMAIN, names outside it REFUSED.
+``dns``   UDP 198.51.100.53:53  authoritative for ``test.``: ``bench.test`` A 203.0.113.10 (an
+                                address not on this namespace's lo: tapbox strips the host's
+                                own addresses from DNS answers); other names in the zone
+                                NXDOMAIN, names outside it REFUSED.
 
 iperf3 runs as its own process (run.py starts it). When everything listens the process prints
 ``ready`` on stdout, then serves until stdin closes or it is killed. Every accepted socket has a
@@ -36,6 +38,7 @@ import dns.rdatatype
 import dns.rrset
 
 SERVER_IP = "192.0.2.10"
+BENCH_ADDRESS = "203.0.113.10"  # what bench.test resolves to (only resolved, never connected)
 DNS_IP = "198.51.100.53"
 ECHO_PORT = 7001
 RR_PORT = 7002
@@ -180,7 +183,7 @@ def dns_answer(wire: bytes) -> bytes | None:
         response.set_rcode(dns.rcode.NXDOMAIN)
     elif question.rdtype == dns.rdatatype.A:
         response.answer.append(dns.rrset.from_text(BENCH_NAME, 60, dns.rdataclass.IN,
-                                                   dns.rdatatype.A, SERVER_IP))
+                                                   dns.rdatatype.A, BENCH_ADDRESS))
     return response.to_wire()
 
 

@@ -1,7 +1,10 @@
 """Events the stack hands its caller: small frozen dataclasses (as h11's).
 
 A `Flow` names one conversation as the sandbox sees it: `src`/`sport` are the sandbox's end,
-`dst`/`dport` the destination it asked for. The caller answers `TcpConnectRequest` with
+`dst`/`dport` the destination it asked for. An IPv4 address the sandbox wrote in an IPv6 form
+(IPv4-mapped, IPv4-compatible, NAT64: netstack.wire.ipv6.embedded_ipv4) is given as the IPv4
+address in `dst`, so every check and decision sees one form; `via` keeps the form written,
+which the stack's replies come from. The caller answers `TcpConnectRequest` with
 `Interface.tcp_accept` or `Interface.tcp_reject`; the other events only inform.
 """
 
@@ -17,6 +20,7 @@ class Flow:
     sport: int
     dst: str
     dport: int
+    via: str = ""  # the IPv6 form the sandbox wrote `dst` in, if it did (else "")
 
     def __str__(self) -> str:
         if self.proto == "icmp":

@@ -11,8 +11,11 @@ machine in `netstack.tcp`, with data moved by `tcp_send` / `tcp_recv`.
 
 Output is pull-based: `take_frames()` returns the frames to write to the TAP device (ACKs
 owed for a batch of received segments are coalesced into one and generated there),
-`take_events()` what happened. Timers are data: `poll_at()` is the next deadline, `poll(now)`
-runs what is due. The stack never reads a clock and does no I/O.
+`take_events()` what happened. No packet larger than the link takes is ever built: one that
+would not fit the MTU (or the 16-bit IP length fields) is dropped and counted ("out-too-big"),
+and `udp_payload_limit()` tells the caller how much one datagram may carry. Timers are data:
+`poll_at()` is the next deadline, `poll(now)` runs what is due. The stack never reads a clock
+and does no I/O.
 """
 
 from __future__ import annotations
@@ -78,6 +81,25 @@ def _ip_text(raw: bytes) -> str:
     return ipaddress.IPv6Address(raw).compressed
 
 
+def _unroutable_ipv4(dst: bytes) -> bool:
+    """Never a destination (RFC 1122 §3.2.1.3, RFC 5735): "this network" 0/8, loopback
+    127/8, multicast and the reserved range above it, limited broadcast."""
+    return dst[0] >= 224 or dst[0] in (0, 127)
+
+
+def _flow(proto: str, src: bytes, sport: int, dst: bytes, dport: int) -> ev.Flow:
+    """The flow as reported: an IPv4 address in an IPv6 form is given as IPv4, `via` the form."""
+    embedded = ipv6.embedded_ipv4(dst) if len(dst) == 16 else None
+    if embedded is None:
+        return ev.Flow(proto, _ip_text(src), sport, _ip_text(dst), dport)
+    return ev.Flow(proto, _ip_text(src), sport, _ip_text(embedded), dport, _ip_text(dst))
+
+
+def _remote_bytes(flow: ev.Flow) -> bytes:
+    """The address the sandbox sent `flow` to, as written: replies come from it."""
+    return _ip_bytes(flow.via or flow.dst)
+
+
 class Interface:
     def __init__(self, config: InterfaceConfig | None = None) -> None:
         self.config = cfg = config or InterfaceConfig()
@@ -92,6 +114,10 @@ class Interface:
         self.trusted = False  # this frame's TCP/UDP checksum was vouched for by the kernel
         self.mss_limit = min(cfg.mtu - ipv4.MIN_HEADER_LEN - tcp.MIN_HEADER_LEN, 0xFFFF)
         self.mss_limit6 = min(cfg.mtu - ipv6.HEADER_LEN - tcp.MIN_HEADER_LEN, 0xFFFF)
+        # The largest packet we send: the MTU, and the 16-bit total length of IPv4
+        # (RFC 791 §3.1) and payload length of IPv6 (RFC 8200 §3).
+        self.packet_limit = min(cfg.mtu, 0xFFFF)
+        self.packet_limit6 = min(cfg.mtu, ipv6.HEADER_LEN + 0xFFFF)
         self.drops: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
         self._frames: list[bytes | bytearray] = []
@@ -170,7 +196,7 @@ class Interface:
             return "ipv4-foreign-source"
         if hdr.is_fragment:
             return "ipv4-fragment"
-        if hdr.dst[0] >= 224 or hdr.dst == b"\xff\xff\xff\xff" or hdr.dst[0] in (0, 127):
+        if _unroutable_ipv4(hdr.dst):
             return "ipv4-bad-destination"
         self.sandbox_mac = src_mac
         if hdr.ttl <= 1 and hdr.dst not in self.local_ips:
@@ -193,6 +219,12 @@ class Interface:
         hdr = ipv6.parse(pkt)
         if isinstance(hdr, str):
             return hdr
+        embedded = ipv6.embedded_ipv4(hdr.dst)
+        if embedded is not None and (_unroutable_ipv4(embedded) or embedded == self.sandbox_ip
+                                     or embedded in self.local_ips):
+            # An IPv4 address in an IPv6 form is judged as that address: what IPv4 refuses,
+            # and our own addresses and the sandbox's, are not reached this way either.
+            return "ipv6-bad-destination"
         body = pkt[hdr.upper_offset:ipv6.HEADER_LEN + hdr.payload_len]
         if hdr.proto == ipv6.PROTO_ICMPV6:
             return self._icmpv6(hdr, body, pkt, src_mac)
@@ -274,7 +306,7 @@ class Interface:
 
     def _echo_event(self, src: bytes, dst: bytes, body: memoryview) -> None:
         ident, seqno = int.from_bytes(body[4:6], "big"), int.from_bytes(body[6:8], "big")
-        flow = ev.Flow("icmp", _ip_text(src), ident, _ip_text(dst), 0)
+        flow = _flow("icmp", src, ident, dst, 0)
         self._events.append(ev.IcmpEchoRequest(flow, ident, seqno, bytes(body[8:])))
 
     def _hop_limit_exceeded(self, pkt: memoryview) -> str:
@@ -292,7 +324,7 @@ class Interface:
         sport, dport, payload = parsed
         if sport == 0 or dport == 0:
             return "udp-port-zero"
-        flow = ev.Flow("udp", _ip_text(src), sport, _ip_text(dst), dport)
+        flow = _flow("udp", src, sport, dst, dport)
         self._events.append(ev.UdpDatagram(flow, bytes(payload), bytes(quote)))
         return None
 
@@ -354,7 +386,7 @@ class Interface:
         # Data on a SYN is not kept: our SYN-ACK acknowledges only the SYN, so the sender
         # sends it again once the connection is open (RFC 9293 §3.10.7.2 allows either).
         seg.payload = memoryview(b"")
-        flow = ev.Flow("tcp", _ip_text(key[0]), seg.sport, _ip_text(key[2]), seg.dport)
+        flow = _flow("tcp", key[0], seg.sport, key[2], seg.dport)
         self._pending[key] = (seg, flow)
         self._by_flow[flow] = key
         self._events.append(ev.TcpConnectRequest(flow))
@@ -425,17 +457,28 @@ class Interface:
             conn.abort(reason)
             self._forget(key, conn)
 
-    def udp_send(self, flow: ev.Flow, payload: bytes | bytearray | memoryview) -> None:
-        """A datagram to the sandbox's end of `flow`, from the destination it talked to."""
-        sandbox, remote = _ip_bytes(flow.src), _ip_bytes(flow.dst)
+    def udp_payload_limit(self, flow: ev.Flow) -> int:
+        """The most payload one datagram to the sandbox's end of `flow` can carry."""
+        if ":" in flow.src:
+            return self.packet_limit6 - ipv6.HEADER_LEN - udp.HEADER_LEN
+        return self.packet_limit - ipv4.MIN_HEADER_LEN - udp.HEADER_LEN
+
+    def udp_send(self, flow: ev.Flow, payload: bytes | bytearray | memoryview) -> bool:
+        """A datagram to the sandbox's end of `flow`, from the destination it talked to.
+
+        False (and counted as dropped) if it is larger than `udp_payload_limit(flow)`."""
+        if len(payload) > self.udp_payload_limit(flow):
+            self.drops["out-too-big"] += 1
+            return False
+        sandbox, remote = _ip_bytes(flow.src), _remote_bytes(flow)
         pseudo = checksum.pseudo_header_sum(remote, sandbox, ipv4.PROTO_UDP,
                                             udp.HEADER_LEN + len(payload))
-        self._send_ip(remote, sandbox, ipv4.PROTO_UDP,
-                      udp.datagram(flow.dport, flow.sport, payload, pseudo))
+        return self._send_ip(remote, sandbox, ipv4.PROTO_UDP,
+                             udp.datagram(flow.dport, flow.sport, payload, pseudo))
 
     def udp_unreachable(self, datagram: ev.UdpDatagram) -> None:
         """Port unreachable for a datagram (RFC 792 / RFC 4443 §3.1), from its destination."""
-        src, dst = _ip_bytes(datagram.flow.dst), _ip_bytes(datagram.flow.src)
+        src, dst = _remote_bytes(datagram.flow), _ip_bytes(datagram.flow.src)
         if len(src) == 4:
             self._send_ip(src, dst, ipv4.PROTO_ICMP,
                           icmp.unreachable(icmp.CODE_PORT_UNREACHABLE, datagram.quote))
@@ -446,7 +489,7 @@ class Interface:
 
     def icmp_echo_reply(self, request: ev.IcmpEchoRequest, payload: bytes | memoryview) -> None:
         """Answer a ping from the sandbox, from the address it pinged."""
-        src, dst = _ip_bytes(request.flow.dst), _ip_bytes(request.flow.src)
+        src, dst = _remote_bytes(request.flow), _ip_bytes(request.flow.src)
         if len(src) == 4:
             self._send_ip(src, dst, ipv4.PROTO_ICMP,
                           icmp.echo(icmp.TYPE_ECHO_REPLY, request.ident, request.seq, payload))
@@ -459,7 +502,7 @@ class Interface:
         """Tell the sandbox its ping is not allowed: administratively prohibited, from the
         gateway (RFC 1812 §5.2.7.1, RFC 4443 §3.1 code 1)."""
         flow = request.flow
-        if ":" not in flow.dst:
+        if ":" not in flow.src:
             original = self._echo_packet(flow, request, 4)
             self._send_ip(_ip_bytes(self.config.gateway_ip), self.sandbox_ip, ipv4.PROTO_ICMP,
                           icmp.unreachable(icmp.CODE_ADMIN_PROHIBITED, original))
@@ -471,7 +514,7 @@ class Interface:
 
     def _echo_packet(self, flow: ev.Flow, request: ev.IcmpEchoRequest, size: int) -> bytes:
         """The start of the sandbox's echo request, rebuilt for quoting in an error."""
-        src, dst = _ip_bytes(flow.src), _ip_bytes(flow.dst)
+        src, dst = _ip_bytes(flow.src), _remote_bytes(flow)
         head = request.ident.to_bytes(2, "big") + request.seq.to_bytes(2, "big")
         if size == 4:
             body = icmp.echo(icmp.TYPE_ECHO_REQUEST, request.ident, request.seq, request.payload)
@@ -510,7 +553,11 @@ class Interface:
             key = conn.key
             if self._conns.get(key) is not conn:
                 continue
-            conn.on_timer(now)
+            try:
+                conn.on_timer(now)
+            except Exception as exc:  # a bug, not input: that connection ends, not the stack
+                self.drops[f"internal-error-{type(exc).__name__}"] += 1
+                conn.abort("internal error")
             if conn.state == State.CLOSED:
                 self._forget(key, conn)
             else:
@@ -543,6 +590,9 @@ class Interface:
 
     def tcp_ack_due(self, conn: TcpConnection) -> None:
         self._ack_due.append(conn)
+
+    def tcp_dropped(self, conn: TcpConnection, reason: str) -> None:
+        self.drops[reason] += 1
 
     def tcp_timer_changed(self, conn: TcpConnection) -> None:
         # One heap entry per connection at a time, at its earliest deadline; a later deadline
@@ -579,6 +629,8 @@ class Interface:
                   payload: bytes | bytearray | memoryview = b"", options: bytes = b"") -> None:
         sandbox_ip, sandbox_port, remote_ip, remote_port = key
         seg_len = tcp.MIN_HEADER_LEN + len(options) + len(payload)
+        if not self._fits(remote_ip, seg_len):
+            return
         start = self.prefix + (ETH_IP_HEADERS if len(remote_ip) == 4 else ETH_IP6_HEADERS)
         frame = bytearray(start + seg_len)
         self._write_headers(frame, remote_ip, sandbox_ip, ipv4.PROTO_TCP, seg_len)
@@ -590,13 +642,27 @@ class Interface:
             vnet.write_partial(frame, start - self.prefix, tcp.CHECKSUM_OFFSET)
         self._frames.append(frame)
 
+    def _fits(self, src: bytes, payload_len: int) -> bool:
+        """Whether an IP packet from `src` carrying `payload_len` bytes fits the link; if not,
+        the drop is counted."""
+        if len(src) == 4:
+            fits = ipv4.MIN_HEADER_LEN + payload_len <= self.packet_limit
+        else:
+            fits = ipv6.HEADER_LEN + payload_len <= self.packet_limit6
+        if not fits:
+            self.drops["out-too-big"] += 1
+        return fits
+
     def _send_ip(self, src: bytes, dst: bytes, proto: int, body: bytes,
-                 hop_limit: int = ipv6.DEFAULT_HOP_LIMIT) -> None:
+                 hop_limit: int = ipv6.DEFAULT_HOP_LIMIT) -> bool:
+        if not self._fits(src, len(body)):
+            return False
         start = self.prefix + (ETH_IP_HEADERS if len(src) == 4 else ETH_IP6_HEADERS)
         frame = bytearray(start + len(body))
         self._write_headers(frame, src, dst, proto, len(body), hop_limit)
         frame[start:] = body
         self._frames.append(frame)
+        return True
 
     def _send_icmpv6(self, src: bytes, dst: bytes, icmp_type: int, body: bytes,
                      hop_limit: int = ipv6.DEFAULT_HOP_LIMIT, code: int = 0) -> None:

@@ -10,7 +10,11 @@ SND.WND, RCV.NXT, ...) and moves through the RFC's states, all transitions in th
   In-order data lands in a bounded receive buffer the caller drains with `recv`; the window we
   advertise is exactly the free space of that buffer, so a caller that drains slowly (because
   its host socket is slow) slows the sandbox down instead of growing memory. Out-of-order
-  segments are held (bounded by the same window) until the gap fills.
+  segments are held until the gap fills, bounded by the same window in bytes and by
+  `ooo_segments` in number (a bare FIN takes no bytes but still a place). They are keyed by
+  their position in the stream (sequence space counted from the SYN, never wrapped) in a
+  dict, with a heap of those positions: holding one is O(log n), and in-order data only
+  peeks at the smallest, so its cost does not grow with what is held.
 - Sending: `send` appends to a bounded send buffer holding everything from SND.UNA on; segments
   are cut from it up to the peer's window and MSS. Retransmission uses an RFC 6298 timer (SRTT,
   RTTVAR, Karn's rule, exponential backoff, bounded retries), plus fast retransmit on the third
@@ -23,6 +27,7 @@ SND.WND, RCV.NXT, ...) and moves through the RFC's states, all transitions in th
 from __future__ import annotations
 
 import enum
+import heapq
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,6 +63,7 @@ DUPACK_THRESHOLD = 3  # RFC 5681 §3.2
 @dataclass(frozen=True)
 class TcpConfig:
     rcv_buffer: int = 256 * 1024  # bytes of in-order data held for the caller (the window)
+    ooo_segments: int = 512  # out-of-order segments held at most (their bytes: rcv_buffer)
     snd_buffer: int = 256 * 1024  # bytes from SND.UNA on the caller may queue
     wscale: int = 7  # our window-scale shift (RFC 7323 §2), when the peer offers scaling
     rto_initial: float = 1.0  # RFC 6298 §2.1
@@ -76,6 +82,7 @@ class TcpOutput(Protocol):
     def tcp_closed(self, conn: TcpConnection, reset: bool, reason: str) -> None: ...
     def tcp_timer_changed(self, conn: TcpConnection) -> None: ...
     def tcp_ack_due(self, conn: TcpConnection) -> None: ...
+    def tcp_dropped(self, conn: TcpConnection, reason: str) -> None: ...
 
 
 class TcpConnection:
@@ -94,7 +101,10 @@ class TcpConnection:
         self.irs = syn.seq
         self.rcv_nxt = seq.add(syn.seq, 1)
         self.rcv_buf = bytearray()
+        self.rcv_pos = 0  # stream position of RCV.NXT: sequence space taken since the SYN
+        # Out-of-order segments by stream position, and a min-heap of those positions.
         self.ooo: dict[int, tuple[bytes, bool]] = {}
+        self.ooo_heap: list[int] = []
         self.ooo_bytes = 0
         self.peer_fin = False
         # Window scaling is on only when both SYNs carry the option (RFC 7323 §2.2).
@@ -537,10 +547,10 @@ class TcpConnection:
         if start == self.rcv_nxt:
             if data:
                 self.rcv_buf += data
-                self.rcv_nxt = seq.add(self.rcv_nxt, len(data))
+                self._rcv_advance(len(data))
             if fin:
                 self._peer_fin()
-            if self.ooo:
+            if self.ooo_heap:
                 self._drain_ooo()
             self._signal_readable()
             if fin or self.peer_fin:
@@ -548,31 +558,50 @@ class TcpConnection:
             else:
                 self._ack_later()
         else:
-            if self.ooo_bytes + len(data) <= self.cfg.rcv_buffer and start not in self.ooo:
-                self.ooo[start] = (bytes(data), fin)
-                self.ooo_bytes += len(data)
+            self._hold_out_of_order(self.rcv_pos + seq.diff(start, self.rcv_nxt), data, fin)
             # An immediate duplicate ACK lets the peer fast-retransmit (RFC 5681 §4.2).
             self._emit(ACK, self.snd_nxt)
 
+    def _rcv_advance(self, n: int) -> None:
+        self.rcv_nxt = seq.add(self.rcv_nxt, n)
+        self.rcv_pos += n
+
+    def _hold_out_of_order(self, pos: int, data: bytes | memoryview, fin: bool) -> None:
+        """Keep a segment that starts beyond RCV.NXT, at stream position `pos`, for later."""
+        if pos in self.ooo:
+            return  # the first copy held stands
+        if len(self.ooo) >= self.cfg.ooo_segments or \
+                self.ooo_bytes + len(data) > self.cfg.rcv_buffer:
+            self.out.tcp_dropped(self, "tcp-out-of-order-full")
+            return
+        self.ooo[pos] = (bytes(data), fin)
+        heapq.heappush(self.ooo_heap, pos)
+        self.ooo_bytes += len(data)
+
     def _drain_ooo(self) -> None:
-        for start in sorted(self.ooo, key=lambda s: seq.diff(s, self.rcv_nxt)):
-            if seq.lt(self.rcv_nxt, start):
-                break
-            data, fin = self.ooo.pop(start)
+        """Move the held segments that in-order data has reached into the receive buffer."""
+        heap = self.ooo_heap
+        while heap and heap[0] <= self.rcv_pos:
+            pos = heapq.heappop(heap)
+            data, fin = self.ooo.pop(pos)
             self.ooo_bytes -= len(data)
-            skip = seq.diff(self.rcv_nxt, start)
+            skip = self.rcv_pos - pos
             if skip < len(data):
                 self.rcv_buf += data[skip:]
-                self.rcv_nxt = seq.add(self.rcv_nxt, len(data) - skip)
-            if fin and seq.add(start, len(data)) == self.rcv_nxt and not self.peer_fin:
+                self._rcv_advance(len(data) - skip)
+            if fin and pos + len(data) == self.rcv_pos and not self.peer_fin:
                 self._peer_fin()
         if self.peer_fin:
-            self.ooo.clear()
-            self.ooo_bytes = 0
+            self._clear_ooo()
+
+    def _clear_ooo(self) -> None:
+        self.ooo.clear()
+        self.ooo_heap.clear()
+        self.ooo_bytes = 0
 
     def _peer_fin(self) -> None:
         self.peer_fin = True
-        self.rcv_nxt = seq.add(self.rcv_nxt, 1)
+        self._rcv_advance(1)
         if self.state == State.ESTABLISHED:
             self.state = State.CLOSE_WAIT
         elif self.state == State.FIN_WAIT_1:
@@ -594,8 +623,7 @@ class TcpConnection:
         self.state = State.CLOSED
         self.rtx_at = self.persist_at = self.time_wait_at = None
         self.snd_buf.clear()
-        self.ooo.clear()
-        self.ooo_bytes = 0
+        self._clear_ooo()
         if reset:
             self.rcv_buf.clear()
         self.out.tcp_timer_changed(self)

@@ -20,8 +20,11 @@ Matching is indexed so its cost does not grow with the number of rules:
 * addresses: rules are bucketed by (IP version, prefix length) and network number, and a query
   masks the address once per prefix length in use (at most 33 or 129 lookups).
 
-When several rules match, the one written first wins. IPv4-mapped IPv6 addresses
-(``::ffff:192.0.2.1``) are matched as the IPv4 address they carry, both in rules and in queries.
+When several rules match, the one written first wins. An IPv4 address written in an IPv6 form
+(IPv4-mapped ``::ffff:192.0.2.1``, IPv4-compatible ``::192.0.2.1``, NAT64
+``64:ff9b::192.0.2.1``: netstack.wire.ipv6.embedded_ipv4) is the IPv4 address it carries, in
+rules and in queries alike. `address_rule` can be asked for rules inside given networks only
+(tapbox.guard: only such a rule admits a guarded address).
 
 This module does no I/O except :func:`load_file` reading the file it is asked to read.
 """
@@ -34,6 +37,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from netstack.wire.ipv6 import embedded_ipv4
 from tapbox.errors import AllowlistError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -46,7 +50,6 @@ MAX_LABEL_LENGTH = 63
 
 _LABEL_RE = re.compile(r"[a-z0-9_-]+")
 _PORT_SPEC_RE = re.compile(r"([0-9]+)(?:-([0-9]+))?")
-_MAPPED_V4 = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
 class _Problem(Exception):
@@ -277,14 +280,13 @@ def _single_network(address: IPAddress) -> IPNetwork:
 
 
 def _unmap_network(network: IPNetwork) -> IPNetwork:
-    """``::ffff:192.0.2.0/120`` -> ``192.0.2.0/24``; anything else unchanged."""
-    if (
-        isinstance(network, ipaddress.IPv6Network)
-        and network.prefixlen >= 96
-        and network.subnet_of(_MAPPED_V4)
-    ):
-        v4 = ipaddress.IPv4Address(int(network.network_address) & 0xFFFFFFFF)
-        return ipaddress.IPv4Network((v4, network.prefixlen - 96))
+    """``::ffff:192.0.2.0/120`` -> ``192.0.2.0/24`` (likewise the other IPv6 forms of IPv4
+    addresses, when every address of the network is one); anything else unchanged."""
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        first = embedded_ipv4(network.network_address.packed)
+        last = embedded_ipv4(network.broadcast_address.packed)
+        if first is not None and last is not None:
+            return ipaddress.IPv4Network((ipaddress.IPv4Address(first), network.prefixlen - 96))
     return network
 
 
@@ -353,14 +355,18 @@ def _check_label(label: str, written: str) -> None:
 
 
 def unmap(address: IPAddress) -> IPAddress:
-    """The IPv4 address inside an IPv4-mapped IPv6 address; any other address unchanged."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
+    """The IPv4 address an IPv6 address stands for (IPv4-mapped, IPv4-compatible, NAT64);
+    any other address unchanged."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = embedded_ipv4(address.packed)
+        if embedded is not None:
+            return ipaddress.IPv4Address(embedded)
     return address
 
 
 def normalize_address(ip: str | IPAddress) -> IPAddress:
-    """Parse ``ip`` (raises ValueError if invalid) and unmap IPv4-mapped IPv6."""
+    """Parse ``ip`` (raises ValueError if invalid); an IPv6 form of an IPv4 address becomes
+    that IPv4 address."""
     if isinstance(ip, str):
         return unmap(ipaddress.ip_address(ip))
     return unmap(ip)
@@ -426,8 +432,10 @@ class Allowlist:
         found.sort(key=lambda item: item[0])
         return [rule for _, rule in found]
 
-    def address_rule(self, ip: str | IPAddress, port: int) -> Rule | None:
-        """The first address/network rule containing ``ip`` and admitting ``port``, if any.
+    def address_rule(self, ip: str | IPAddress, port: int,
+                     within: Sequence[IPNetwork] | None = None) -> Rule | None:
+        """The first address/network rule containing ``ip`` and admitting ``port``, if any;
+        with ``within``, only a rule whose network lies inside one of those networks.
 
         Raises ValueError if ``ip`` is not a valid IP address.
         """
@@ -436,10 +444,22 @@ class Allowlist:
         bits = address.max_prefixlen
         best: tuple[int, Rule] | None = None
         for prefixlen in self._prefixes[address.version]:
+            if within is not None and not any(
+                    net.version == address.version and prefixlen >= net.prefixlen
+                    for net in within):
+                continue  # wider than every network asked for: cannot lie inside one
             mask = ((1 << prefixlen) - 1) << (bits - prefixlen)
             candidates = self._by_prefix[(address.version, prefixlen)].get(value & mask, ())
             for index, rule in candidates:
-                if rule.admits_port(port) and (best is None or index < best[0]):
+                if rule.admits_port(port) and (best is None or index < best[0]) and \
+                        (within is None or _inside(rule, within)):
                     best = (index, rule)
                     break  # candidates are in index order
         return best[1] if best is not None else None
+
+
+def _inside(rule: Rule, networks: Sequence[IPNetwork]) -> bool:
+    network = rule.network
+    return network is not None and any(
+        network.version == net.version and network.subnet_of(net)  # type: ignore[arg-type]
+        for net in networks)

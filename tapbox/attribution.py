@@ -124,7 +124,8 @@ def match_socket(entries: Iterable[SocketEntry], flow: Flow) -> int | None:
     for e in entries:
         if e.local_port != flow.sport:
             continue
-        if e.remote_port == flow.dport and e.remote is not None and _same_ip(e.remote, flow.dst):
+        if e.remote_port == flow.dport and e.remote is not None and \
+                _same_ip(e.remote, flow.via or flow.dst):
             return e.inode
         if flow.proto != "tcp" and e.remote_port == 0 and unconnected is None:
             unconnected = e.inode  # sendto() from an unconnected (UDP or ping) socket
@@ -135,9 +136,10 @@ def match_raw(entries: Iterable[SocketEntry], flow: Flow) -> int | None:
     """A ping sent from a raw socket: /proc/net/raw{,6} shows the protocol (1 ICMP, 58 ICMPv6)
     as the local port and no identifier, so the socket is named only when it is the one raw
     ICMP socket that could have sent to `flow.dst`; with several, nothing is guessed."""
-    proto = 58 if ":" in flow.dst else 1
+    written = flow.via or flow.dst  # the address as the sandbox's socket has it
+    proto = 58 if ":" in written else 1
     found = {e.inode for e in entries if e.local_port == proto
-             and (e.remote in (None, "0.0.0.0", "::") or _same_ip(str(e.remote), flow.dst))}
+             and (e.remote in (None, "0.0.0.0", "::") or _same_ip(str(e.remote), written))}
     return found.pop() if len(found) == 1 else None
 
 

@@ -10,10 +10,11 @@ How this works
   later flow to one of them is named after the domain it came from.
 - Flows: the real decision is made first. If the allowlist admits the flow, that stands. If it
   does not, the flow is let through with `Decision.would_deny` set, except for destinations the
-  rebinding guard protects (loopback, link-local, the sandbox's own network, ...: see
-  tapbox.policy.is_guarded): those stay refused unless an explicit IP/CIDR rule admits them,
-  audit or not. Guarded addresses in DNS answers are still stripped (the shadow policy refuses
-  to learn them, like the real one). The engine still never proxies the sandbox's own network.
+  guard protects (the host's loopback and own addresses, link-local and metadata, the sandbox's
+  own network, ...: tapbox.guard, the same Guard as the real policy's): those stay refused
+  unless an explicit IP/CIDR rule inside their guarded range admits them, audit or not.
+  Guarded addresses in DNS answers are still stripped (the shadow policy refuses to learn
+  them, like the real one). The engine still never proxies the sandbox's own network.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import ClassVar
 
 from tapbox.allowlist import Allowlist, IPAddress, Rule, normalize_address
 from tapbox.audit import AUDIT_RULE_TEXT
-from tapbox.policy import Decision, Policy, is_guarded
+from tapbox.guard import Guard
+from tapbox.policy import Decision, Policy
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,10 @@ WOULD_DENY = _WouldDenyRule("wildcard", AUDIT_RULE_TEXT, "audit", None, None, No
 
 
 class AuditPolicy(Policy):
-    def __init__(self, allowlist: Allowlist, **kwargs: float) -> None:
-        super().__init__(allowlist, **kwargs)  # type: ignore[arg-type]
-        self.shadow = Policy(Allowlist([]), **kwargs)  # type: ignore[arg-type]
+    def __init__(self, allowlist: Allowlist, *, guard: Guard | None = None,
+                 **kwargs: float) -> None:
+        super().__init__(allowlist, guard=guard, **kwargs)  # type: ignore[arg-type]
+        self.shadow = Policy(Allowlist([]), guard=self.guard, **kwargs)  # type: ignore[arg-type]
 
     def name_allowed(self, name: str) -> list[Rule]:
         return super().name_allowed(name) or [WOULD_DENY]
@@ -56,7 +59,7 @@ class AuditPolicy(Policy):
         if real.allowed:
             return real
         address = normalize_address(ip)
-        if is_guarded(address) is not None:
+        if self.guard.reason(address) is not None:
             return real
         shadow = self.shadow.decide(address, port, now)
         name = real.name or shadow.name

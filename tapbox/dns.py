@@ -30,9 +30,11 @@ judged, and a fresh query is built for the upstream resolver.
    §2.2), not NXDOMAIN: the name exists, it just has nothing the sandbox may reach.  When the
    chain ends without addresses in the answer, the final name is *not* resolved again.
 5. The reply is built from the sandbox's own query (its id, its question, its EDNS state) and
-   the upstream's sections and RCODE, then sized for the transport: 512 bytes, or the client's
-   EDNS payload size, over UDP (RFC 1035 §4.2.1, RFC 6891 §6.2.5); 65535 over TCP
-   (RFC 1035 §4.2.2).  What does not fit is cut and TC is set, so the client retries over TCP.
+   the upstream's sections and RCODE, then sized for the transport: over UDP 512 bytes, or the
+   client's EDNS payload size (less than 512 counts as 512), capped by what one datagram on
+   the link can carry (``udp_limit``, from the MTU) (RFC 1035 §4.2.1, RFC 6891 §6.2.5); 65535
+   over TCP (RFC 1035 §4.2.2).  What does not fit is cut and TC is set, so the client retries
+   over TCP.
 
 With ``aaaa=False`` (no IPv6 on the host) AAAA questions for allowed names get NOERROR with no
 records at once, without asking upstream, and AAAA records are dropped from ANY answers.
@@ -155,12 +157,14 @@ class DnsForwarder:
 
     # ----------------------------------------------------------------------------- entry point
 
-    async def answer(self, query: bytes, *, tcp: bool = False) -> bytes | None:
+    async def answer(self, query: bytes, *, tcp: bool = False,
+                     udp_limit: int = TCP_MAX) -> bytes | None:
         """Answer one DNS message from the sandbox (wire format) with a wire-format reply.
 
         ``tcp=True`` when the query came over TCP: the reply may then use up to 65535 bytes;
-        otherwise it is cut to the client's UDP limit with TC set.  Returns ``None`` when the
-        message is not a query whose header can be read: the caller drops it.
+        otherwise it is cut to the client's UDP limit, and to ``udp_limit`` (the most one
+        datagram to the client can carry), with TC set.  Returns ``None`` when the message is
+        not a query whose header can be read: the caller drops it.
         """
         if len(query) < HEADER_LEN:
             return None
@@ -173,17 +177,19 @@ class DnsForwarder:
             self._emit(DnsEvent("", "", "error", None))
             return _header_only(qid, qflags, dns.rcode.FORMERR)
         try:
-            return await self._answer_message(msg, tcp)
+            return await self._answer_message(msg, tcp, udp_limit)
         except Exception:
             log.exception("DNS: internal error answering query %d", qid)
             self._emit(DnsEvent(*_describe(msg), "error", None))
             try:
-                return _render(_reply(msg, dns.rcode.SERVFAIL), self._size_limit(msg, tcp))
+                limit = self._size_limit(msg, tcp, udp_limit)
+                return _render(_reply(msg, dns.rcode.SERVFAIL), limit)
             except Exception:
                 return _header_only(qid, qflags, dns.rcode.SERVFAIL)
 
-    async def _answer_message(self, query: dns.message.Message, tcp: bool) -> bytes:
-        limit = self._size_limit(query, tcp)
+    async def _answer_message(self, query: dns.message.Message, tcp: bool,
+                              udp_limit: int) -> bytes:
+        limit = self._size_limit(query, tcp, udp_limit)
         if query.opcode() != dns.opcode.QUERY:
             self._emit(DnsEvent(*_describe(query), "error", None))
             return _render(_reply(query, dns.rcode.NOTIMP), limit)
@@ -331,12 +337,12 @@ class DnsForwarder:
     # ------------------------------------------------------------------------------- helpers
 
     @staticmethod
-    def _size_limit(query: dns.message.Message, tcp: bool) -> int:
+    def _size_limit(query: dns.message.Message, tcp: bool, udp_limit: int) -> int:
         if tcp:
             return TCP_MAX
-        if query.edns >= 0:
-            return max(UDP_CLASSIC_MAX, min(query.payload, TCP_MAX))
-        return UDP_CLASSIC_MAX
+        # RFC 6891 §6.2.5: a payload size below 512 is treated as 512.
+        client = max(UDP_CLASSIC_MAX, query.payload) if query.edns >= 0 else UDP_CLASSIC_MAX
+        return min(client, udp_limit, TCP_MAX)
 
     def _emit(self, event: DnsEvent) -> None:
         if self.on_event is None:

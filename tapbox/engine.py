@@ -15,6 +15,15 @@ Each new flow is decided by the policy before anything leaves the machine:
 - UDP: one connected host socket per flow, closed after an idle timeout; denied -> ICMP port
   unreachable. Datagrams to the DNS address go to `tapbox.dns` instead.
 Addresses inside the sandbox's own network are never proxied (only DNS there is served).
+A flow's `dst` is always the address decided on (an IPv4 address the sandbox wrote in an IPv6
+form is given as IPv4 by the stack); the host socket goes to that address, except that a NAT64
+form (64:ff9b::/96) is reached through the host's own translator, as the sandbox asked.
+
+Nothing one flow provokes ends the engine: a host socket that cannot be opened (EMFILE...) or
+fails ends that flow (RST or ICMP unreachable to the sandbox, its ending logged), and anything
+unexpected in one flow's task or event is caught at that flow's edge (`_guarded`,
+`_dispatch_one`), counted, and ends only that flow. Only the TAP device failing (`EngineError`)
+ends the engine; the runner then stops the command and exits 125.
 """
 
 from __future__ import annotations
@@ -26,13 +35,15 @@ import os
 import socket as pysocket
 import struct
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from netstack import events as ev
 from netstack.iface import Interface, InterfaceConfig
+from netstack.wire.ipv6 import NAT64_PREFIX
 from tapbox.attribution import Attributor
 from tapbox.audit import Audit
 from tapbox.dns import DnsForwarder, TcpDnsFramer
@@ -117,6 +128,7 @@ class Engine:
         self.tcp: dict[ev.Flow, _TcpProxy] = {}
         self.udp: dict[ev.Flow, _DatagramRelay] = {}  # UDP and ICMP echo flows
         self.frames_dropped = 0
+        self.internal_errors: Counter[str] = Counter()  # by exception type: bugs, not input
         self.faults = FaultInjector(self.config.faults, self.stack.prefix) \
             if self.config.faults else None
         self._nursery: trio.Nursery | None = None
@@ -193,6 +205,8 @@ class Engine:
         counts = dict(self.stack.drops)
         if self.frames_dropped:
             counts["tap-queue-full"] = self.frames_dropped
+        for name, count in self.internal_errors.items():
+            counts[f"engine-internal-error-{name}"] = count
         return counts
 
     def _set_timer(self) -> None:
@@ -208,7 +222,7 @@ class Engine:
         while True:
             events = stack.take_events()
             for event in events:
-                self._dispatch(event)
+                self._dispatch_one(event)
             frames = stack.take_frames()
             if not frames and not events:
                 break
@@ -233,6 +247,32 @@ class Engine:
             raise EngineError(f"writing to the TAP device failed: {exc}") from exc
 
     # ----- events ---------------------------------------------------------------------------
+
+    def _dispatch_one(self, event: ev.Event) -> None:
+        """Answer one event; whatever goes wrong ends only the event's flow."""
+        try:
+            self._dispatch(event)
+        except EngineError:
+            raise
+        except Exception as exc:
+            self._internal_error(exc, getattr(event, "flow", None))
+
+    def _internal_error(self, exc: Exception, flow: ev.Flow | None) -> str:
+        """Count an unexpected failure in one flow's handling and end that flow (a TCP flow
+        gets a reset). Returns the flow's ending. The first one is told on stderr."""
+        name = type(exc).__name__
+        if not self.internal_errors:
+            self.audit.say(f"internal error in the network engine ({name}); the flow it "
+                           "happened in was ended, the engine goes on")
+        self.internal_errors[name] += 1
+        if flow is not None and flow.proto == "tcp":
+            self._fail_tcp(flow, "internal error")
+        return f"internal error: {name}"
+
+    def _fail_tcp(self, flow: ev.Flow, reason: str) -> None:
+        """Reset a TCP flow towards the sandbox, whether its SYN is still pending or not."""
+        if not self.stack.tcp_reject(flow):
+            self.stack.tcp_abort(flow, reason)
 
     def _dispatch(self, event: ev.Event) -> None:
         if isinstance(event, ev.TcpReadable):
@@ -261,9 +301,19 @@ class Engine:
         elif isinstance(event, ev.IcmpEchoRequest):
             self._on_echo(event)
 
-    def _spawn(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
         assert self._nursery is not None
-        self._nursery.start_soon(fn, *args)
+        self._nursery.start_soon(self._guarded, fn, *args)
+
+    async def _guarded(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run one per-flow task; an unexpected failure in it is that flow's alone (the
+        tasks end their own flows; this is the last line)."""
+        try:
+            await fn(*args)
+        except EngineError:
+            raise
+        except Exception as exc:
+            self._internal_error(exc, None)
 
     def _on_connect(self, flow: ev.Flow) -> None:
         if flow.dst in self.dns_ips and flow.dport == 53:
@@ -325,14 +375,15 @@ class Engine:
 
     async def _proxy_tcp(self, proxy: _TcpProxy) -> None:
         flow = proxy.flow
-        sock = pysocket.socket(_family(flow), pysocket.SOCK_STREAM)
-        sock.setblocking(False)
-        proxy.sock = sock
+        sock: pysocket.socket | None = None
         ending = "closed"
         try:
             # One cancel scope for the whole life of the flow: a reset from the sandbox, a
             # failed send to the host, or the stack giving up on the pending SYN ends it.
             with proxy.cancel:
+                sock = pysocket.socket(_family(_reach(flow)), pysocket.SOCK_STREAM)  # EMFILE
+                sock.setblocking(False)
+                proxy.sock = sock
                 error = await self._connect(sock, flow)
                 if self.attributor is not None and proxy.record is not None:
                     # The process waits in connect() until its SYN is answered: find it first.
@@ -354,24 +405,30 @@ class Engine:
             if proxy.reset:
                 ending = proxy.reset_reason or "reset"
                 _linger_zero(sock)  # the sandbox reset: reset the host side too
-        except OSError as exc:  # the host side reset or failed: reset the sandbox side
+        except OSError as exc:  # the host side failed (or never opened): reset the sandbox side
             ending = "reset by host" if isinstance(exc, (ConnectionResetError, BrokenPipeError)) \
                 else f"host error: {os.strerror(exc.errno) if exc.errno else exc}"
-            self.stack.tcp_abort(flow, "host side failed")
+            self._fail_tcp(flow, "host side failed")
             self._service()
         except trio.Cancelled:
             ending = "open when tapbox stopped"
             raise
+        except EngineError:
+            raise
+        except Exception as exc:
+            ending = self._internal_error(exc, flow)
+            self._service()
         finally:
             proxy.connected = False
-            trio.lowlevel.notify_closing(sock)
-            sock.close()
+            if sock is not None:
+                trio.lowlevel.notify_closing(sock)
+                sock.close()
             self.tcp.pop(flow, None)
             self._end(proxy.record, ending)
 
     async def _connect(self, sock: pysocket.socket, flow: ev.Flow) -> str | None:
         """None once connected, else how the host-side connect failed."""
-        code = sock.connect_ex((flow.dst, flow.dport))
+        code = sock.connect_ex((_reach(flow), flow.dport))
         if code == errno.EINPROGRESS:
             with trio.move_on_after(self.config.connect_timeout):
                 await trio.lowlevel.wait_writable(sock)
@@ -463,27 +520,35 @@ class Engine:
 
     async def _serve_dns_tcp(self, proxy: _TcpProxy) -> None:
         """DNS over TCP (RFC 7766) on the DNS address: framed queries in, framed answers out."""
-        flow, stack = proxy.flow, self.stack
-        framer = TcpDnsFramer()
         try:
             with proxy.cancel:
-                while not proxy.closed:
-                    proxy.readable = trio.Event()
-                    data = stack.tcp_recv(flow, PUMP_CHUNK)
-                    if data:
-                        self._service()
-                        for query in framer.feed(data):
-                            reply = await self.forwarder.answer(query, tcp=True)
-                            if reply is not None:
-                                await self._send_all(proxy, TcpDnsFramer.frame(reply))
-                        continue
-                    if stack.tcp_at_eof(flow):
-                        stack.tcp_close(flow, trio.current_time())
-                        self._service()
-                        return
-                    await proxy.readable.wait()
+                await self._dns_over_tcp(proxy)
+        except EngineError:
+            raise
+        except Exception as exc:
+            self._internal_error(exc, proxy.flow)
+            self._service()
         finally:
-            self.tcp.pop(flow, None)
+            self.tcp.pop(proxy.flow, None)
+
+    async def _dns_over_tcp(self, proxy: _TcpProxy) -> None:
+        flow, stack = proxy.flow, self.stack
+        framer = TcpDnsFramer()
+        while not proxy.closed:
+            proxy.readable = trio.Event()
+            data = stack.tcp_recv(flow, PUMP_CHUNK)
+            if data:
+                self._service()
+                for query in framer.feed(data):
+                    reply = await self.forwarder.answer(query, tcp=True)
+                    if reply is not None:
+                        await self._send_all(proxy, TcpDnsFramer.frame(reply))
+                continue
+            if stack.tcp_at_eof(flow):
+                stack.tcp_close(flow, trio.current_time())
+                self._service()
+                return
+            await proxy.readable.wait()
 
     async def _send_all(self, proxy: _TcpProxy, data: bytes) -> None:
         view = memoryview(data)
@@ -496,7 +561,8 @@ class Engine:
                 await proxy.writable.wait()
 
     async def _answer_dns_udp(self, datagram: ev.UdpDatagram) -> None:
-        reply = await self.forwarder.answer(datagram.payload)
+        limit = self.stack.udp_payload_limit(datagram.flow)
+        reply = await self.forwarder.answer(datagram.payload, udp_limit=limit)
         if reply is not None:
             self.stack.udp_send(datagram.flow, reply)
             self._service()
@@ -510,7 +576,7 @@ class Engine:
             return
         quote = [datagram.quote]  # of the latest datagram, for an ICMP error back
         relay = self.udp.get(flow) or self._open_relay(
-            flow, pysocket.SOCK_DGRAM, 0, (flow.dst, flow.dport),
+            flow, pysocket.SOCK_DGRAM, 0, (_reach(flow), flow.dport),
             deliver=lambda data: self.stack.udp_send(flow, data),
             refused=lambda: self.stack.udp_unreachable(ev.UdpDatagram(flow, b"", quote[0])),
             reject=lambda: self.stack.udp_unreachable(datagram))
@@ -521,7 +587,8 @@ class Engine:
     def _on_echo(self, request: ev.IcmpEchoRequest) -> None:
         """Ping through an unprivileged ICMP socket (the kernel sets the identifier)."""
         flow = request.flow
-        v6 = ":" in flow.dst
+        target = _reach(flow)
+        v6 = ":" in target
         proto = pysocket.IPPROTO_ICMPV6 if v6 else pysocket.IPPROTO_ICMP
 
         def deliver(reply: bytes) -> None:
@@ -531,7 +598,7 @@ class Engine:
                                            reply[8:])
 
         relay = self.udp.get(flow) or self._open_relay(
-            flow, pysocket.SOCK_DGRAM, proto, (flow.dst, 0), deliver=deliver,
+            flow, pysocket.SOCK_DGRAM, proto, (target, 0), deliver=deliver,
             refused=lambda: self.stack.icmp_unreachable(request),
             reject=lambda: self.stack.icmp_unreachable(request))
         if relay is not None:
@@ -548,10 +615,14 @@ class Engine:
             self._refuse(record, reject)
             return None
         try:
-            sock = pysocket.socket(_family(flow), kind, proto)
+            sock = pysocket.socket(_family(address[0]), kind, proto)
         except PermissionError:  # ICMP sockets need the group in net.ipv4.ping_group_range
             reject()
             self._end(record, "ping not permitted on this host (net.ipv4.ping_group_range)")
+            return None
+        except OSError as exc:  # EMFILE, ENOBUFS...: this flow cannot be, the engine goes on
+            reject()
+            self._end(record, f"host error: {exc.strerror or exc}")
             return None
         sock.setblocking(False)
         try:
@@ -602,14 +673,26 @@ class Engine:
             ending = "idle timeout"
         except OSError as exc:
             ending = f"host error: {exc.strerror or exc}"
+        except EngineError:
+            raise
+        except Exception as exc:
+            ending = self._internal_error(exc, relay.flow)
         finally:
             sock.close()
             self.udp.pop(relay.flow, None)
             self._end(relay.record, ending)
 
 
-def _family(flow: ev.Flow) -> int:
-    return pysocket.AF_INET6 if ":" in flow.dst else pysocket.AF_INET
+def _family(address: str) -> int:
+    return pysocket.AF_INET6 if ":" in address else pysocket.AF_INET
+
+
+def _reach(flow: ev.Flow) -> str:
+    """Where the host socket goes: the address decided on, or a NAT64 form as written (the
+    host's translator reaches the IPv4 address in it, RFC 6052)."""
+    if flow.via and ipaddress.IPv6Address(flow.via).packed[:12] == NAT64_PREFIX:
+        return flow.via
+    return flow.dst
 
 
 def _linger_zero(sock: trio.socket.SocketType) -> None:

@@ -8,7 +8,8 @@ same frame sequence. Held frames sit in a heap; `next_at()` tells the engine whe
 
 It is switched on only by the environment variable TAPBOX_TEST_FAULTS, e.g.
 `TAPBOX_TEST_FAULTS="seed=7,drop=0.02,dup=0.01,reorder=0.02,delay=0.005,corrupt=0.001"`:
-a test seam, not a user feature (it is not in --help).
+a test seam, not a user feature (it is not in --help). `fail_after=N` makes the N-th frame
+raise `InjectedFailure` inside the engine, to test how tapbox ends when its engine dies.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class FaultSpec:
     reorder: float = 0.0  # probability a frame is held back (later frames overtake it)
     delay: float = 0.005  # how long a held frame waits at most, seconds
     corrupt: float = 0.0  # probability one byte past the Ethernet header is flipped
+    fail_after: int = 0  # the engine fails at this frame (1 = the first); 0: never
 
     @classmethod
     def parse(cls, text: str) -> FaultSpec:
@@ -40,8 +42,12 @@ class FaultSpec:
             key, sep, value = item.partition("=")
             if not sep or key not in cls.__dataclass_fields__:
                 raise ValueError(f"{ENV_VAR}: unknown item {item!r}")
-            values[key] = int(value) if key == "seed" else float(value)
+            values[key] = int(value) if key in ("seed", "fail_after") else float(value)
         return cls(**values)  # type: ignore[arg-type]
+
+
+class InjectedFailure(RuntimeError):
+    """The engine failure `fail_after` asks for."""
 
 
 class FaultInjector:
@@ -53,10 +59,14 @@ class FaultInjector:
         self.held: list[tuple[float, int, int, bytes]] = []
         self._order = itertools.count()
         self.counts = {"dropped": 0, "duplicated": 0, "reordered": 0, "corrupted": 0}
+        self.frames = 0
 
     def apply(self, direction: int, frame: bytes, now: float) -> list[bytes]:
         """The frames to pass on now for one frame arriving at the seam."""
         spec, rng = self.spec, self.rng
+        self.frames += 1
+        if self.frames == spec.fail_after:
+            raise InjectedFailure(f"injected failure at frame {self.frames}")
         if rng.random() < spec.drop:
             self.counts["dropped"] += 1
             return []

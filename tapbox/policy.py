@@ -5,19 +5,22 @@ How this works
 The netstack reports each new flow as (destination IP, port); :meth:`Policy.decide` answers it.
 Two kinds of rule can admit a flow:
 
-1. An explicit IP/CIDR rule in the allowlist (``192.0.2.0/24:443``). It is checked first and
-   may admit any address at all, including the guarded ones below: writing the address is the
-   user's explicit intent.
+1. An explicit IP/CIDR rule in the allowlist (``192.0.2.0/24:443``). It is checked first. A
+   guarded address (below) is admitted only by a rule whose address or range lies inside the
+   guarded range holding it (``169.254.169.254:80``, ``127.0.0.0/8``): writing it is the
+   user's explicit intent, which a broad rule (``0.0.0.0/0``, ``10.0.0.0/8``) is not.
 2. A name rule (``api.example.com``, ``*.example.com``), through DNS. The sandbox can only
    resolve names through tapbox's own DNS server; when it answers an allowed name, it calls
    :meth:`Policy.learn` with the addresses it returned (for a CNAME chain: the name asked, and
    the addresses at the end of the chain). Each address is then admitted, on the ports of the
    rule that allowed the name, for ``max(ttl, min_ttl)`` seconds.
 
-Rebinding guard: an address that :func:`is_guarded` flags (loopback, link-local, unspecified,
-multicast, broadcast, the sandbox's own network, or IPv4-mapped forms of those) is never learned
-from DNS, so a name rule can't be turned into access to the host's loopback or the sandbox's
-gateway by a DNS answer. Such addresses are admitted only by an explicit IP/CIDR rule.
+Rebinding guard: an address the `Guard` flags (tapbox.guard: the host's loopback and own
+addresses, link-local and metadata, unspecified, multicast, broadcast, the sandbox's own network,
+in any of their IPv6 forms) is never learned from DNS, so a name rule can't be turned into
+access to the host or the sandbox's gateway by a DNS answer. Such addresses are admitted only
+by an explicit IP/CIDR rule inside their guarded range. Addresses are normalised first
+(tapbox.allowlist.normalize_address), so every form of one address is judged alike.
 
 State is bounded: at most ``max_entries`` learned addresses; when full, the address whose
 admission expires soonest is forgotten first. Time is a float passed in by the caller; this
@@ -27,23 +30,28 @@ module reads no clock and does no I/O.
 from __future__ import annotations
 
 import heapq
-import ipaddress
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from tapbox.allowlist import Allowlist, IPAddress, Rule, normalize_address, normalize_name
+from tapbox.allowlist import (
+    Allowlist,
+    IPAddress,
+    IPNetwork,
+    Rule,
+    normalize_address,
+    normalize_name,
+)
+from tapbox.guard import SANDBOX_NET4, SANDBOX_NET6, Guard
 
-SANDBOX_NET4 = ipaddress.IPv4Network("10.0.2.0/24")
-SANDBOX_NET6 = ipaddress.IPv6Network("fd00::/64")
+__all__ = ["SANDBOX_NET4", "SANDBOX_NET6", "Decision", "Guard", "Policy", "is_guarded"]
 
 DEFAULT_MIN_TTL = 300.0
 DEFAULT_MAX_ENTRIES = 65536
 # Remembered "DNS returned a guarded address for this name" notes, for audit reasons only.
 MAX_GUARDED_NOTES = 1024
 
-_THIS_NETWORK4 = ipaddress.IPv4Network("0.0.0.0/8")
-_BROADCAST4 = ipaddress.IPv4Address("255.255.255.255")
+_FIXED_GUARD = Guard()
 
 
 @dataclass(frozen=True)
@@ -63,31 +71,9 @@ class Decision:
 
 
 def is_guarded(ip: str | IPAddress) -> str | None:
-    """Why ``ip`` may never be admitted by a name rule, or None if it may be.
-
-    The reason is one of: "unspecified", "this network", "loopback", "link-local",
-    "multicast", "broadcast", "sandbox network". IPv4-mapped IPv6 addresses are judged as the
-    IPv4 address they carry. Raises ValueError if ``ip`` is not an IP address.
-    """
-    address = normalize_address(ip)
-    if address.is_unspecified:
-        return "unspecified"
-    if address.is_loopback:
-        return "loopback"
-    if address.is_link_local:
-        return "link-local"
-    if address.is_multicast:
-        return "multicast"
-    if isinstance(address, ipaddress.IPv4Address):
-        if address in SANDBOX_NET4:
-            return "sandbox network"
-        if address in _THIS_NETWORK4:
-            return "this network"
-        if address == _BROADCAST4:
-            return "broadcast"
-    elif address in SANDBOX_NET6:
-        return "sandbox network"
-    return None
+    """Why ``ip`` is guarded whatever host tapbox runs on (tapbox.guard.FIXED_RANGES), or
+    None. Raises ValueError if ``ip`` is not an IP address."""
+    return _FIXED_GUARD.reason(ip)
 
 
 @dataclass
@@ -107,12 +93,14 @@ class Policy:
         *,
         min_ttl: float = DEFAULT_MIN_TTL,
         max_entries: int = DEFAULT_MAX_ENTRIES,
+        guard: Guard | None = None,
     ) -> None:
         if min_ttl < 0:
             raise ValueError("min_ttl must not be negative")
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         self.allowlist = allowlist
+        self.guard = guard if guard is not None else _FIXED_GUARD
         self.min_ttl = float(min_ttl)
         self.max_entries = max_entries
         self._learned: dict[IPAddress, _Admission] = {}
@@ -149,7 +137,7 @@ class Policy:
         for text, ttl in addresses:
             address = normalize_address(text)
             expires = now + max(float(ttl), self.min_ttl)
-            if is_guarded(address) is not None:
+            if self.guard.reason(address) is not None:
                 skipped.append(text)
                 self._note_guarded(address, name, expires)
                 continue
@@ -161,6 +149,9 @@ class Policy:
     def decide(self, ip: str | IPAddress, port: int, now: float) -> Decision:
         """Decide a new flow to ``ip``:``port``."""
         address = normalize_address(ip)
+        guarded = self.guard.ranges(address)
+        if guarded:
+            return self._decide_guarded(address, port, now, guarded)
         rule = self.allowlist.address_rule(address, port)
         if rule is not None:
             return Decision(True, rule, None, f"rule {rule.text}")
@@ -179,11 +170,23 @@ class Policy:
                 learned_rule, learned_name = live[0]
                 reason = f"port {port} not admitted (dns {learned_name} via {learned_rule.text})"
                 return Decision(False, None, learned_name, reason)
+        return Decision(False, None, None, "no rule")
+
+    def _decide_guarded(self, address: IPAddress, port: int, now: float,
+                        guarded: list[tuple[IPNetwork, str]]) -> Decision:
+        """Only a rule inside a guarded range holding ``address`` admits it; never DNS."""
+        rule = self.allowlist.address_rule(address, port, within=[net for net, _ in guarded])
+        if rule is not None:
+            return Decision(True, rule, None, f"rule {rule.text}")
+        why = guarded[0][1]
         note = self._guarded_notes.get(address)
         if note is not None and now < note[1]:
-            why = is_guarded(address)
             reason = f"guarded address ({why}) not admitted by name rule"
             return Decision(False, None, note[0], reason)
+        broad = self.allowlist.address_rule(address, port)
+        if broad is not None:
+            reason = f"guarded address ({why}) not admitted by broad rule {broad.text}"
+            return Decision(False, None, None, reason)
         return Decision(False, None, None, "no rule")
 
     def expire(self, now: float) -> None:

@@ -2,8 +2,9 @@
 
 Everything that can fail is done before the command runs (the allowlist parses, the DNS
 upstream is known, the sandbox is set up, the engine reads the TAP device); only then is the
-sandbox told to exec. If the engine fails afterwards, the command is killed: tapbox never
-leaves a command running without its firewall.
+sandbox told to exec. If the engine fails afterwards, for whatever reason, the command is
+killed at once, tapbox says so in one line and exits 125: tapbox never leaves a command
+running without its firewall.
 
 What to do comes as RunOptions (tapbox.options), however it was given: command line, profile
 or API; the command comes with it, separately.
@@ -72,10 +73,13 @@ def _raise_fd_limit() -> None:
 
 
 def _import_engine() -> None:
-    """The engine's imports (trio, dnspython, the stack): done while the sandbox child sets
-    itself up, so the two costs overlap instead of adding up."""
+    """The engine's imports (trio, dnspython, the stack, and what the audit layer imports
+    lazily): done while the sandbox child sets itself up, so the two costs overlap instead of
+    adding up, and before the run, when an import may find no file descriptor left to read
+    its module with."""
     import tapbox.dns  # noqa: F401
     import tapbox.engine  # noqa: F401
+    import tapbox.eventlog  # noqa: F401
 
 
 def _upstreams(options: RunOptions) -> list[tuple[str, int]]:
@@ -161,6 +165,14 @@ def run(command: Sequence[str], options: RunOptions) -> int:
 def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
                  rules: list[Rule] | None = None, recording: Recording | None = None) -> int:
     upstreams = _upstreams(options) if network else []
+    host: list[str] = []  # the host's own addresses, guarded like its loopback
+
+    def meanwhile() -> None:
+        from tapbox.hostaddrs import host_addresses
+
+        _import_engine()
+        host.extend(host_addresses())
+
     if network and not upstreams and any(r.name for r in rules or []):
         print("tapbox: no DNS upstream (none in /etc/resolv.conf; use --dns-upstream): "
               "names will not resolve", file=sys.stderr)
@@ -174,7 +186,7 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
                                               mtu=options.network.mtu,
                                               root=options.environment.root,
                                               ipv6=ipv6_enabled, resolv_conf=resolv),
-                                meanwhile=_import_engine if network else None)
+                                meanwhile=meanwhile if network else None)
     except BaseException:
         forwarder.restore()
         raise
@@ -187,7 +199,7 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
         import trio
 
         return trio.run(_serve, sandbox, rules or [], upstreams, command, options,
-                        ipv6_enabled, recording or Recording())
+                        ipv6_enabled, recording or Recording(), host)
     finally:
         forwarder.stop()
         if sandbox.returncode is None:
@@ -198,7 +210,7 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
 
 async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str, int]],
                  command: Sequence[str], options: RunOptions, ipv6: bool,
-                 recording: Recording) -> int:
+                 recording: Recording, host: list[str]) -> int:
     import trio
 
     from netstack.iface import InterfaceConfig
@@ -206,6 +218,7 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
     from tapbox.dns import DnsForwarder
     from tapbox.engine import Engine, EngineConfig, EngineError
     from tapbox.faults import ENV_VAR, FaultSpec
+    from tapbox.guard import Guard
     from tapbox.policy import Policy
     from tapbox.summary import Summary
 
@@ -224,12 +237,13 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
         sandbox_pid=sandbox.pid, allowlist=recording.sources, rules=len(rules),
         dns_upstreams=[f"{host}:{port}" for host, port in upstreams],
         pcap=record.pcap)
+    guard = Guard(host)
     if audit_mode:
         from tapbox.auditpolicy import AuditPolicy
 
-        policy: Policy = AuditPolicy(Allowlist(rules))
+        policy: Policy = AuditPolicy(Allowlist(rules), guard=guard)
     else:
-        policy = Policy(Allowlist(rules))
+        policy = Policy(Allowlist(rules), guard=guard)
     dns = DnsForwarder(policy, upstreams, on_event=audit.dns, aaaa=ipv6)
     faults = FaultSpec.parse(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else None
     # The sandbox's TAP carries virtio-net headers; checksums are left to the kernel unless
@@ -259,8 +273,10 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
             with trio.move_on_after(DRAIN_TIMEOUT):
                 await engine.drain()
             nursery.cancel_scope.cancel()
-    except EngineError as exc:
-        audit.say(f"the network engine failed ({exc}); the command was stopped")
+    except Exception as exc:  # the engine died (an ExceptionGroup from the nurseries)
+        sandbox.kill()
+        audit.say(f"the network engine failed ({_engine_failure(exc, EngineError)}); "
+                  "the command was stopped")
         if recording.learner is not None:
             audit.say(f"learn: the run did not complete; {recording.learner.path} left as it was")
             recording.learner = None
@@ -273,6 +289,23 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
                                                      in sorted(drops.items())))
         _finish(audit, recording, status)
     return _learn(audit, recording, status)
+
+
+def _engine_failure(exc: BaseException, engine_error: type[Exception]) -> str:
+    """One line on why the engine died: the TAP device's failure, or the first error found."""
+    leaves = _leaves(exc)
+    for leaf in leaves:
+        if isinstance(leaf, engine_error):
+            return str(leaf)
+    first = leaves[0]
+    text = " ".join(str(first).split())
+    return f"internal error: {type(first).__name__}" + (f": {text}" if text else "")
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 def _finish(audit: Audit, recording: Recording, status: int) -> None:

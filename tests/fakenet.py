@@ -3,15 +3,21 @@
 Theory of operation
 -------------------
 1. ``enter_test_netns()`` (called once from conftest's ``pytest_configure``, before anything opens
-   a socket) moves the pytest process into a throwaway network namespace: plain
-   ``unshare(CLONE_NEWNET)`` when root, else ``unshare(CLONE_NEWUSER|CLONE_NEWNET)`` with the
-   caller's uid/gid mapped to 0. It brings ``lo`` up and puts the TEST-NET addresses of
-   ``LO_ADDRESSES`` on it. The namespace has no other link and no default route, so no test
-   packet can leave the machine: a connect to anything else fails with ENETUNREACH at once.
-   Every child process (tapbox, the client) inherits this namespace; tapbox's engine is the
-   "host side" here and its proxy sockets reach the fake servers below.
-2. ``FakeNet`` runs the servers on those addresses: one selector thread accepts TCP connections
-   and answers UDP datagrams; each TCP connection gets its own daemon thread.
+   a socket) moves the pytest process into a throwaway network namespace, the test's "host":
+   plain ``unshare(CLONE_NEWNET)`` when root, else ``unshare(CLONE_NEWUSER|CLONE_NEWNET)`` with
+   the caller's uid/gid mapped to 0. Every child process (tapbox, the client) inherits it;
+   tapbox's engine runs here and its proxy sockets reach the fake servers below.
+   The servers live in a second namespace, the "internet", made by a helper thread (a thread
+   can enter a network namespace of its own) and joined to the host by a veth pair
+   (``fnet0`` here, ``fnet1`` there). Their TEST-NET addresses (``LO_ADDRESSES``) are on the
+   internet's ``lo``; the host has one route per address through the veth and no other route
+   out, so no test packet can leave the machine: a connect to anything else fails with
+   ENETUNREACH at once. The servers are not the host's own addresses (tapbox guards those);
+   the host has ``HOST_ADDRESSES`` on ``fnet0`` and runs ``HOST_BLOB_ENDPOINTS`` itself
+   (its loopback, and a service bound to every address).
+2. ``FakeNet`` runs the servers: one selector thread accepts TCP connections and answers UDP
+   datagrams; each TCP connection gets its own daemon thread. Sockets of the internet are
+   created by a thread inside it (``in_internet``); once made they work from any thread.
    - blob TCP servers (``BLOB_ENDPOINTS``), one line-based protocol:
        ``GET N\\n``        -> N bytes of deterministic data (``client.blob_chunks(N)``), then close
        ``PUT N\\n`` + N bytes -> ``<sha256 hex of what arrived>\\n``, then close
@@ -42,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import dns.exception
 import dns.flags
@@ -59,6 +66,8 @@ __all__ = [
     "BLOB_ENDPOINTS",
     "DNS_ENDPOINTS",
     "DNS_UPSTREAM",
+    "HOST_ADDRESSES",
+    "HOST_BLOB_ENDPOINTS",
     "LO_ADDRESSES",
     "UDP_ECHO_ENDPOINTS",
     "Connection",
@@ -68,6 +77,7 @@ __all__ = [
     "NetnsState",
     "blob_sha256",
     "enter_test_netns",
+    "in_internet",
     "netns_state",
 ]
 
@@ -75,6 +85,11 @@ __all__ = [
 # Addresses and endpoints (documentation ranges only: RFC 5737, RFC 3849, plus link-local
 # metadata and loopback for the DNS-rebinding tests).
 
+# The host's own addresses (on its end of the link to the fake internet). 2001:db8::1 is left
+# unrouted: tapbox's `--ipv6 auto` probes it, and the tests expect it to find no IPv6.
+HOST_ADDRESSES: tuple[str, ...] = ("192.0.2.1", "2001:db8::2")
+
+# The fake internet's addresses, on the internet namespace's lo.
 LO_ADDRESSES: tuple[str, ...] = (
     "192.0.2.10",
     "192.0.2.20",
@@ -100,8 +115,15 @@ BLOB_ENDPOINTS: tuple[tuple[str, int], ...] = (
     ("203.0.113.7", 443),
     ("203.0.113.10", 80),
     ("169.254.169.254", 80),
-    ("127.0.0.1", 80),
     ("2001:db8::10", 80),
+)
+
+# Services of the host itself: on its loopback, and on every address it has (as a service
+# bound to 0.0.0.0 / :: is).
+HOST_BLOB_ENDPOINTS: tuple[tuple[str, int], ...] = (
+    ("127.0.0.1", 80),
+    ("0.0.0.0", 8081),
+    ("::", 8081),
 )
 
 UDP_ECHO_ENDPOINTS: tuple[tuple[str, int], ...] = (
@@ -140,6 +162,8 @@ edge.cdn            A     198.51.100.20
 denied              A     203.0.113.7
 meta.example        A     169.254.169.254
 loop.example        A     127.0.0.1
+self.example        A     192.0.2.1
+self.example        AAAA  2001:db8::2
 txt.example         TXT   "hello"
 big.example         TXT   "{filler}"
 big.example         TXT   "{filler}1"
@@ -150,10 +174,14 @@ big.example         TXT   "{filler}5"
 big.example         TXT   "{filler}6"
 big.example         TXT   "{filler}7"
 big.example         TXT   "{filler}8"
-""".replace("{filler}", "x" * 100)
+""".replace("{filler}", "x" * 100) + "".join(
+    f'huge.example        TXT   "{i:03d}{"h" * 252}"\n' for i in range(243)
+) + f'huge.example        TXT   "{"l" * 255}" "{"m" * 80}"\n'
 """The ``test.`` zone. ``big.example.test`` TXT (~1 KB) does not fit a plain 512-byte UDP answer:
-it comes back with TC set, for testing TCP fallback. ``c.wild.test`` is an empty non-terminal
-(NOERROR, no data). There is deliberately no DNS wildcard: ``*.wild.test`` is an allowlist rule."""
+it comes back with TC set, for testing TCP fallback. ``huge.example.test`` TXT is 65,519 bytes
+over TCP with EDNS: more than one UDP datagram can carry (65,507 bytes over IPv4).
+``c.wild.test`` is an empty non-terminal (NOERROR, no data). There is deliberately no DNS
+wildcard: ``*.wild.test`` is an allowlist rule."""
 
 # ------------------------------------------------------------------------------------------------
 # The namespace
@@ -161,6 +189,10 @@ it comes back with TC set, for testing TCP fallback. ``c.wild.test`` is an empty
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 IFA_F_NODAD = 0x02
+RT_SCOPE_LINK = 253
+HOST_LINK, INTERNET_LINK = "fnet0", "fnet1"
+HOST_LL, INTERNET_LL = "fe80::1", "fe80::2"  # the two ends' link-local addresses
+LINK_MTU = 65535
 
 
 @dataclass
@@ -171,6 +203,7 @@ class NetnsState:
     outer_gid: int = -1
     outer_netns: int = 0  # inode of the network namespace pytest started in
     netns: int = 0  # inode of the test network namespace
+    internet_fd: int = -1  # an open handle on the fake internet's namespace
 
     @property
     def ok(self) -> bool:
@@ -189,6 +222,47 @@ def _unshare(flags: int) -> None:
     if libc.unshare(ctypes.c_int(flags)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"unshare(0x{flags:x}): {os.strerror(err)}")
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(ctypes.c_int(fd), ctypes.c_int(CLONE_NEWNET)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+_T = TypeVar("_T")
+
+
+def _in_thread(fn: Callable[[], _T]) -> _T:
+    """Run fn in a new thread (which may change its own network namespace) and return."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="fakenet-netns")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["result"]  # type: ignore[return-value]
+
+
+def in_internet(fn: Callable[[], _T]) -> _T:
+    """Run fn inside the fake internet's namespace (sockets it makes belong there)."""
+    fd = _STATE.internet_fd
+    if fd < 0:
+        raise RuntimeError("the fake internet's namespace does not exist")
+
+    def inside() -> _T:
+        _setns(fd)
+        return fn()
+
+    return _in_thread(inside)
 
 
 def _netns_inode() -> int:
@@ -222,36 +296,84 @@ def enter_test_netns() -> NetnsState:
             _write_proc("/proc/self/gid_map", f"0 {gid} 1\n")
             _STATE.mode = "userns"
         _STATE.netns = _netns_inode()
-        _configure_lo()
+        _build_topology()
     except Exception as e:  # noqa: BLE001 - reported to the user by conftest
         _STATE.error = f"{type(e).__name__}: {e}"
     return _STATE
 
 
-def _configure_lo() -> None:
+def _new_netns() -> int:
+    _unshare(CLONE_NEWNET)
+    return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _add_address(ipr: object, index: int, addr: str, prefixlen: int | None = None) -> None:
+    ip = ipaddress.ip_address(addr)
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    ipr.addr("add", index=index, address=addr,  # type: ignore[attr-defined]
+             prefixlen=ip.max_prefixlen if prefixlen is None else prefixlen,
+             family=family, flags=IFA_F_NODAD)
+
+
+def _route_to(ipr: object, addr: str, index: int, v6_gateway: str) -> None:
+    """A host route to addr over the veth (IPv6 through the far end's link-local address)."""
+    ip = ipaddress.ip_address(addr)
+    if ip.version == 4:
+        ipr.route("add", dst=f"{addr}/32", oif=index,  # type: ignore[attr-defined]
+                  scope=RT_SCOPE_LINK)
+    else:
+        ipr.route("add", dst=f"{addr}/128", gateway=v6_gateway,  # type: ignore[attr-defined]
+                  oif=index, family=socket.AF_INET6)
+
+
+def _build_topology() -> None:
+    """The host (this namespace) and the internet (a new one), joined by a veth pair."""
     from pyroute2 import IPRoute  # after unshare: the netlink socket belongs to the new netns
 
+    _STATE.internet_fd = _in_thread(_new_netns)
     with IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname="lo")[0]
-        ipr.link("set", index=idx, state="up")
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        ipr.link("add", ifname=HOST_LINK, kind="veth", peer=INTERNET_LINK)
+        ipr.link("set", index=ipr.link_lookup(ifname=INTERNET_LINK)[0],
+                 net_ns_fd=_STATE.internet_fd)
+        link = ipr.link_lookup(ifname=HOST_LINK)[0]
+        ipr.link("set", index=link, mtu=LINK_MTU, state="up")
+        _add_address(ipr, link, HOST_LL, 64)
+        for addr in HOST_ADDRESSES:
+            _add_address(ipr, link, addr)
         for addr in LO_ADDRESSES:
-            ip = ipaddress.ip_address(addr)
-            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-            ipr.addr(
-                "add",
-                index=idx,
-                address=addr,
-                prefixlen=ip.max_prefixlen,
-                family=family,
-                flags=IFA_F_NODAD,
-            )
+            _route_to(ipr, addr, link, INTERNET_LL)
+
+    def internet_side() -> None:
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.link("set", index=lo, state="up")
+            for addr in LO_ADDRESSES:
+                _add_address(ipr, lo, addr)
+            link = ipr.link_lookup(ifname=INTERNET_LINK)[0]
+            ipr.link("set", index=link, mtu=LINK_MTU, state="up")
+            _add_address(ipr, link, INTERNET_LL, 64)
+            for addr in HOST_ADDRESSES:
+                _route_to(ipr, addr, link, HOST_LL)
+
+    in_internet(internet_side)
 
 
-def lo_addresses_present() -> set[str]:
+def _addresses_here() -> set[str]:
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
         return {ipaddress.ip_address(a.get_attr("IFA_ADDRESS")).compressed for a in ipr.get_addr()}
+
+
+def lo_addresses_present() -> set[str]:
+    """Every address in the fake internet's namespace."""
+    return in_internet(_addresses_here)
+
+
+def host_addresses_present() -> set[str]:
+    """Every address in this (the host's) namespace."""
+    return _addresses_here()
 
 
 def default_routes() -> list[str]:
@@ -395,8 +517,8 @@ class FakeZone:
         if query.flags & dns.flags.QR:
             return None, qname, qtype
         response = self.respond(query)
-        if max_size is None:
-            return response.to_wire(), qname, qtype
+        if max_size is None:  # TCP (RFC 7766 §8): any size up to 65535, whatever EDNS says
+            return response.to_wire(max_size=65535), qname, qtype
         limit = 512
         if query.edns >= 0:
             limit = max(512, min(query.payload, 4096))
@@ -451,6 +573,7 @@ class FakeNet:
     """The fake internet. ``start()`` binds everything (the namespace must already exist)."""
 
     blob_endpoints: Iterable[tuple[str, int]] = BLOB_ENDPOINTS
+    host_blob_endpoints: Iterable[tuple[str, int]] = HOST_BLOB_ENDPOINTS
     udp_echo_endpoints: Iterable[tuple[str, int]] = UDP_ECHO_ENDPOINTS
     dns_endpoints: Iterable[tuple[str, int, bool, bool]] = DNS_ENDPOINTS
     dns_upstream: str = DNS_UPSTREAM
@@ -459,6 +582,7 @@ class FakeNet:
 
     def __post_init__(self) -> None:
         self.blob_endpoints = tuple(self.blob_endpoints)
+        self.host_blob_endpoints = tuple(self.host_blob_endpoints)
         self.udp_echo_endpoints = tuple(self.udp_echo_endpoints)
         self.dns_endpoints = tuple(self.dns_endpoints)
         self._lock = threading.Lock()
@@ -519,7 +643,7 @@ class FakeNet:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> FakeNet:
-        try:
+        def internet_listeners() -> None:
             for addr, port in self.blob_endpoints:
                 self._listen(socket.SOCK_STREAM, "blob", addr, port)
             for addr, port in self.udp_echo_endpoints:
@@ -529,6 +653,11 @@ class FakeNet:
                     self._listen(socket.SOCK_DGRAM, "dns-udp", addr, port)
                 if tcp:
                     self._listen(socket.SOCK_STREAM, "dns-tcp", addr, port)
+
+        try:
+            in_internet(internet_listeners)
+            for addr, port in self.host_blob_endpoints:
+                self._listen(socket.SOCK_STREAM, "blob", addr, port)
         except OSError:
             self.stop()
             raise
@@ -596,7 +725,7 @@ class FakeNet:
         conn, peer = lst.sock.accept()
         conn.settimeout(self.idle_timeout)
         rec = Connection(
-            local_addr=lst.addr,
+            local_addr=_norm(conn.getsockname()[0]),  # the address reached (for 0.0.0.0 too)
             local_port=lst.port,
             peer_addr=_norm(peer[0]),
             peer_port=int(peer[1]),

@@ -69,9 +69,11 @@ def test_namespace_has_no_default_route() -> None:
     assert fn.default_routes() == []
 
 
-def test_fake_addresses_are_on_lo() -> None:
-    present = fn.lo_addresses_present()
-    assert set(fn.LO_ADDRESSES) | {"127.0.0.1"} <= present
+def test_fake_addresses_are_on_lo_of_the_internet_not_the_host() -> None:
+    assert set(fn.LO_ADDRESSES) | {"127.0.0.1"} <= fn.lo_addresses_present()
+    host = fn.host_addresses_present()
+    assert set(fn.HOST_ADDRESSES) | {"127.0.0.1"} <= host
+    assert not set(fn.LO_ADDRESSES) & host  # the servers are not the host's own addresses
 
 
 @pytest.mark.parametrize("addr", ["203.0.113.99", "192.0.2.99", "2001:db8::99"])
@@ -379,8 +381,12 @@ def test_client_resolve_raw_by_ipv6_and_type(fakenet: FakeNet) -> None:
 
 def test_client_resolve_raw_times_out_when_nobody_answers(fakenet: FakeNet) -> None:
     """A server that swallows queries: a listening UDP socket that never replies."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
+    def bound_sink() -> socket.socket:
+        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sink.bind(("192.0.2.21", 53))
+        return sink
+
+    with fn.in_internet(bound_sink):
         start = time.monotonic()
         status, result, _ = client("resolve-raw", "192.0.2.21", "api.example.test")
         assert (status, result["error"]) == (1, "timeout")

@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 from conftest import CLIENT, TESTS_DIR, SpawnTapbox, kill_group
-from fakenet import FakeNet
+from fakenet import FakeNet, in_internet
 
 from tapbox.engine import EngineConfig
 
@@ -200,10 +200,14 @@ def test_1000_concurrent_connections_each_echo_their_own_payload(
 def black_hole() -> Iterator[tuple[str, int]]:
     """A listener on BLACK_HOLE that never accepts, its accept queue filled first: a host
     connect to it neither succeeds nor fails (its SYNs are dropped) until tapbox gives up."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(BLACK_HOLE)
-    listener.listen(0)
+    def listen() -> socket.socket:  # on the fake internet, where BLACK_HOLE's address is
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(BLACK_HOLE)
+        sock.listen(0)
+        return sock
+
+    listener = in_internet(listen)
     fillers = []
     for _ in range(2):
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -4,6 +4,9 @@ Parsing checks the fixed header and payload length against the buffer, then foll
 chain of extension headers (hop-by-hop, routing, destination options) with a length check
 before every read, to the upper-layer protocol. A fragment header, an unknown extension or a
 chain longer than MAX_EXTENSIONS ends in a drop reason: the stack never reassembles.
+
+`embedded_ipv4` is the one definition of the IPv6 forms that stand for an IPv4 address; the
+stack and tapbox's policy both judge such a destination as the IPv4 address.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ MIN_MTU = 1280  # RFC 8200 §5
 MAX_EXTENSIONS = 8
 
 _HDR = struct.Struct("!IHBB16s16s")
+_MAPPED_PREFIX = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96, RFC 4291 §2.5.5.2
+_COMPATIBLE_PREFIX = bytes(12)  # ::/96, RFC 4291 §2.5.5.1 (deprecated; not :: or ::1)
+NAT64_PREFIX = b"\x00\x64\xff\x9b" + bytes(8)  # 64:ff9b::/96, RFC 6052 §2.1
 _SKIPPABLE = frozenset({PROTO_HOP_BY_HOP, PROTO_ROUTING, PROTO_DEST_OPTS})
 
 
@@ -64,6 +70,18 @@ def parse(pkt: bytes | memoryview) -> Ipv6Header | str:
     if nxt == PROTO_FRAGMENT:
         return "ipv6-fragment"
     return Ipv6Header(plen, nxt, offset, hops, src, dst)
+
+
+def embedded_ipv4(address: bytes) -> bytes | None:
+    """The IPv4 address a 16-byte IPv6 address stands for, or None: IPv4-mapped
+    (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d, but not :: or ::1) and the NAT64
+    well-known prefix (64:ff9b::a.b.c.d)."""
+    head = address[:12]
+    if head == _MAPPED_PREFIX or head == NAT64_PREFIX:
+        return address[12:16]
+    if head == _COMPATIBLE_PREFIX and address[12:16] > b"\x00\x00\x00\x01":
+        return address[12:16]
+    return None
 
 
 def header(src: bytes, dst: bytes, proto: int, payload_len: int,
