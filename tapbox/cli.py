@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("--log", metavar="FILE",
                         help="write every DNS query and flow to FILE, one JSON line each, with "
                              "the process that opened each flow")
+    record.add_argument("--log-limit", metavar="SIZE", default="100M",
+                        help="stop the log when FILE reaches SIZE; its last line then says so "
+                             "(default 100M)")
     record.add_argument("--audit", action="store_true",
                         help="block nothing: record what the allowlist would deny (summary at "
                              "exit)")
@@ -91,6 +94,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         args.pcap_limit = parse_size(args.pcap_limit)
     except ValueError as exc:
         parser.error(f"--pcap-limit: {exc}")
+    from tapbox.eventlog import MIN_LOG_LIMIT
+
+    try:
+        args.log_limit = parse_size(args.log_limit)
+    except ValueError as exc:
+        parser.error(f"--log-limit: {exc}")
+    if args.log_limit < MIN_LOG_LIMIT:
+        parser.error(f"--log-limit: at least {MIN_LOG_LIMIT} bytes")
     args.command = command
     return args
 
@@ -111,7 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status = run(args)
     except SetupError as exc:
-        text = str(exc)
+        from tapbox.textescape import escape
+
+        text = escape(exc)  # it may quote a line of a file the sandbox could have written
         print(text if text.startswith("tapbox:") else f"tapbox: {text}", file=sys.stderr)
         status = EXIT_TAPBOX_FAILED
     return status

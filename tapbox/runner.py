@@ -111,10 +111,11 @@ def _open_recording(args: argparse.Namespace) -> Recording:
             if recording.learner.exists:
                 recording.sources.append(args.learn)
         if getattr(args, "log", None):
-            from tapbox.eventlog import EventLog, LogError
+            from tapbox.eventlog import DEFAULT_LOG_LIMIT, EventLog, LogError
 
             try:
-                recording.log = EventLog(args.log)
+                recording.log = EventLog(args.log, getattr(args, "log_limit",
+                                                           DEFAULT_LOG_LIMIT))
             except LogError as exc:
                 raise SetupError(str(exc)) from None
         if getattr(args, "pcap", None):
@@ -147,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     recording = _open_recording(args)
     if recording.learner is not None:
         rules.extend(recording.learner.existing)
-    if not rules and not _audit_mode(args):
+    if not rules and not _audit_mode(args) and not getattr(args, "quiet", False):
         print("tapbox: the allowlist is empty: no network access is allowed", file=sys.stderr)
     try:
         return _run_sandbox(args, network=True, rules=rules, recording=recording)
@@ -264,15 +265,17 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
         os.close(sandbox.tap_fd)
         drops = engine.drop_counts()
         if args.verbose and drops:
-            audit.say("frames dropped: " + ", ".join(f"{reason} {count}" for reason, count
-                                                     in sorted(drops.items())))
-        _finish(audit, recording, status)
+            from tapbox.dropreasons import summarize
+
+            audit.say(summarize(drops))
+        _finish(audit, recording, status, drops)
     return _learn(audit, recording, status)
 
 
-def _finish(audit: Audit, recording: Recording, status: int) -> None:
+def _finish(audit: Audit, recording: Recording, status: int,
+            drops: dict[str, int] | None = None) -> None:
     """Exit event, capture flushed, summary printed: whatever way the run ended."""
-    audit.run_finished(status)
+    audit.run_finished(status, drops)
     pcap = recording.pcap
     if pcap is not None:
         pcap.close()

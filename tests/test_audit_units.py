@@ -176,11 +176,13 @@ def test_summary_table_fits_80_columns_and_puts_denials_first() -> None:
     assert lines[0] == ("tapbox summary: 4 flows to 3 destinations, 3 denied, "
                         "1 name denied in DNS")
     assert all(len(line) <= 80 for line in lines), "\n".join(lines)
+    assert lines[1].split() == ["VERDICT", "COUNT", "SENT", "RECV", "PORTS", "DESTINATION"]
     rows = [line.split() for line in lines[2:]]
-    assert [r[0] for r in rows] == ["203.0.113.7", "denied.test",
-                                    "..." + long_name[-18:]]
-    assert rows[0][1:6] == ["tcp/80,+2", "0", "3", "0", "0"]
-    assert rows[2][1:6] == ["tcp/443", "1", "0", "1.5K", "20M"]
+    assert rows[0] == ["DENIED", "3", "0", "0", "tcp/80,+2", "203.0.113.7", "(no", "rule)"]
+    assert rows[1] == ["DENIED", "1", "-", "-", "dns", "denied.test", "(no", "rule)"]
+    assert rows[2][:5] == ["allowed", "1", "1.5K", "20M", "tcp/443"]
+    assert rows[2][5] == long_name[:15] + "..." + long_name[-15:]  # the middle elided
+    assert rows[3] == ["(rule", "*.of-some-service.example.test:443)"]  # on a line of its own
     assert summary.denied_anything
     assert not Summary().denied_anything
 
@@ -191,7 +193,7 @@ def test_summary_marks_audit_mode() -> None:
                      verdict="would-deny", rule=None, reason="no rule for dns denied.test")
     lines = summary.render()
     assert "1 would be denied" in lines[0]
-    assert lines[2].endswith("WOULD DENY: no rule")
+    assert lines[2].startswith("WOULD DENY ") and lines[2].endswith("denied.test  (no rule)")
     assert lines[-1].startswith("audit mode: nothing was blocked")
     assert not summary.denied_anything
 
@@ -200,7 +202,7 @@ def test_summary_pings_have_no_port() -> None:
     summary = Summary()
     summary.add_flow(domain=None, dst="192.0.2.10", proto="icmp", dport=0, verdict="allowed",
                      rule="192.0.2.10", reason="rule 192.0.2.10")
-    assert summary.render()[2].split()[:2] == ["192.0.2.10", "icmp"]
+    assert summary.render()[2].split() == ["allowed", "1", "0", "0", "icmp", "192.0.2.10"]
 
 
 @pytest.mark.parametrize(("n", "text"), [(0, "0"), (999, "999"), (1000, "1.0K"),
