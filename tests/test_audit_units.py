@@ -317,21 +317,21 @@ def test_learner_rules_sorted_and_merged(tmp_path: Path) -> None:
     learner.flow(_record(flow=Flow("icmp", "10.0.2.100", 77, "198.51.100.7", 0)))
     learner.flow(_record(flow=Flow("tcp", "10.0.2.100", 1, "198.51.100.7", 22)))  # pinged too
     learner.dns("b.example.test", "allowed")
-    learner.dns("c.example.test", "would-deny")
+    learner.dns("c.other.test", "would-deny")  # looked up only: never a rule
     learner.dns("d.example.test", "denied")
     add, bad = learner.new_rules()
     assert bad == []
-    assert [u.text for u in add] == ["b.example.test:80", "c.example.test",
-                                     "a.other.test:80", "192.0.2.9:8080", "192.0.2.10:8080",
+    assert [u.text for u in add] == ["b.example.test:80", "a.other.test:80",
+                                     "192.0.2.9:8080", "192.0.2.10:8080",
                                      "198.51.100.7", "[2001:db8::10]:443"]
-    assert add[5].comment.startswith("pinged")
+    assert add[4].comment.startswith("pinged")
     report = learner.write(0)
-    assert report == [f"learn: added 7 rules to {path}: " + ", ".join(u.text for u in add)]
+    assert report == [f"learn: added 6 rules to {path}: " + ", ".join(u.text for u in add)]
     text = path.read_text()
     assert text.startswith("*.example.test:443\n\n# added by tapbox --learn")
-    assert "c.example.test  # resolved only" in text
+    assert "#   c.other.test" in text and "d.example.test" not in text
     from tapbox.allowlist import load_file
-    assert len(load_file(str(path))) == 8
+    assert len(load_file(str(path))) == 7
 
 
 # ------------------------------------------------------------------------------------------------
