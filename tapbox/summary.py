@@ -219,7 +219,7 @@ class Summary:
         return lines
 
     def _row_lines(self, row: Row, width: int) -> list[str]:
-        head = _head(VERDICT_LABEL[row.verdict], str(row.count),
+        head = _head(VERDICT_LABEL[row.verdict], human_count(row.count),
                      human_bytes(row.bytes_out) if row.flows else "-",
                      human_bytes(row.bytes_in) if row.flows else "-",
                      _ports(row))
@@ -313,6 +313,20 @@ def middle_cut(text: str, width: int) -> str:
 
 def right_cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def human_count(n: int) -> str:
+    """At most 5 characters: 99999, 100K, 1.2M, ... (powers of 1000)."""
+    if n < 100_000:
+        return str(n)
+    value = float(n)
+    for unit in "KMGT":
+        value /= 1000
+        if value < 9.95:
+            return f"{value:.1f}{unit}"
+        if value < 999.5:
+            return f"{value:.0f}{unit}"
+    return f"{value:.0f}P"
 
 
 def human_bytes(n: int) -> str:

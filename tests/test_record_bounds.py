@@ -145,3 +145,16 @@ def test_log_limit_truncates_the_log_with_a_last_event(
     events = [json.loads(line) for line in data.splitlines()]
     assert events[0]["event"] == "start" and events[-1]["event"] == "truncated", events[-1]
     assert "size limit" in proc.stderr, describe(proc)
+
+
+def test_large_counts_keep_the_columns() -> None:
+    summary = Summary()
+    for _ in range(123_456):
+        summary.add_flow(domain=None, dst="203.0.113.7", proto="udp", dport=53,
+                         verdict="denied", rule=None, reason="no rule")
+    summary.add_flow(domain=None, dst="192.0.2.10", proto="udp", dport=53, verdict="allowed",
+                     rule=None, reason="")
+    lines = summary.render()
+    assert lines[2].split()[:2] == ["DENIED", "123K"], lines
+    assert lines[2].index("203.0.113.7") == lines[3].index("192.0.2.10") \
+        == lines[1].index("DESTINATION"), "\n".join(lines)
