@@ -149,6 +149,8 @@ def _parse_rule_text(text: str) -> tuple[RuleKind, str | None, IPNetwork | None,
             "unexpected space inside the rule (write one rule per line; a port is written "
             "HOST:PORT with no spaces)"
         )
+    if "://" in text:
+        raise _Problem(_url_problem(text))
     host, port_spec = _split_port(text)
     ports = _parse_ports(port_spec) if port_spec is not None else None
     if text.startswith("["):
@@ -161,6 +163,22 @@ def _parse_rule_text(text: str) -> tuple[RuleKind, str | None, IPNetwork | None,
         kind, name = _parse_name_host(host)
         return kind, name, None, ports
     return "address", None, _single_network(address), ports
+
+
+def _url_problem(text: str) -> str:
+    """What to say about a URL written as a rule, with the rule it probably meant."""
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit(text)
+        host, port = url.hostname, url.port
+    except ValueError:
+        host = port = None
+    problem = "this is a URL: rules are names or addresses, with an optional port"
+    if not host:
+        return problem
+    host = f"[{host}]" if ":" in host else host
+    return f"{problem} (write '{host}:{port}')" if port else f"{problem} (write '{host}')"
 
 
 def _split_port(text: str) -> tuple[str, str | None]:

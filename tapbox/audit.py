@@ -8,7 +8,11 @@ answer, `say(text)` for anything else. `Audit` fans each report out to the sinks
 
 - stderr: denied connections are always reported, once per destination (a program retrying in
   a loop gives one line, not thousands); with -v every decision, and denied DNS names too;
-  -q silences both the per-destination lines and the summary;
+  -q silences both the per-destination lines and the summary. These per-event lines are
+  rate-limited (a token bucket, `LineBudget`): beyond it they are counted, and the count is
+  printed with the next line that passes and at exit. The "once per destination" memory is
+  bounded too (`MAX_DENIED_REMEMBERED`, oldest forgotten first). Every string the sandbox
+  controls is escaped (tapbox.textescape) before it is printed;
 - the event log (tapbox.eventlog, `--log`): every event, one flushed JSON line each;
 - the exit summary (tapbox.summary): printed at exit when something was denied, in audit mode,
   or with --summary;
@@ -23,9 +27,12 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from tapbox.flows import FlowRecord
+from tapbox.textescape import escape
 
 if TYPE_CHECKING:
     from tapbox.dns import DnsEvent
@@ -36,12 +43,39 @@ if TYPE_CHECKING:
 SummaryMode = Literal["auto", "always", "never"]
 AUDIT_RULE_TEXT = "no rule (audit)"  # the text of tapbox.auditpolicy.WOULD_DENY
 
+# Destinations whose denial was reported on stderr, remembered to report each once.
+MAX_DENIED_REMEMBERED = 4096
+# Per-event lines on stderr: a burst, then a steady rate (lines per second); -v gets more.
+LINE_BURST, LINE_RATE = 20, 5.0
+VERBOSE_LINE_BURST, VERBOSE_LINE_RATE = 1000, 200.0
+
+
+class LineBudget:
+    """A token bucket: `take()` says whether one more line may be printed now."""
+
+    def __init__(self, burst: int, rate: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = float(burst)
+        self.rate = rate
+        self.clock = clock
+        self._tokens = float(burst)
+        self._at = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
 
 class Audit:
     def __init__(self, verbose: bool = False, stream: TextIO | None = None, *,
                  quiet: bool = False, audit_mode: bool = False, log: EventLog | None = None,
                  summary: Summary | None = None, learner: Learner | None = None,
-                 summary_mode: SummaryMode = "auto") -> None:
+                 summary_mode: SummaryMode = "auto", budget: LineBudget | None = None) -> None:
         self.verbose = verbose
         self.quiet = quiet and not verbose
         self.stream = stream or sys.stderr
@@ -50,7 +84,10 @@ class Audit:
         self.summary = summary
         self.learner = learner
         self.summary_mode: SummaryMode = "never" if quiet else summary_mode
-        self._denied_seen: set[tuple[str, str, int]] = set()
+        self._denied_seen: OrderedDict[tuple[str, str, int], None] = OrderedDict()
+        self.budget = budget or (LineBudget(VERBOSE_LINE_BURST, VERBOSE_LINE_RATE) if verbose
+                                 else LineBudget(LINE_BURST, LINE_RATE))
+        self.suppressed = 0  # per-event lines not printed since the last one that was
         self._held: dict[int, FlowRecord] = {}
         self._serial = 0
         self._log_failure_told = False
@@ -86,9 +123,12 @@ class Audit:
         self._ended(record)
 
     def dns(self, event: DnsEvent) -> None:
+        name = escape(event.name)
         for address in event.guarded:
-            self.say(f"dns {event.name} -> {address} not admitted (rebinding guard: only an "
-                     "explicit IP/CIDR rule can allow it)")
+            text = (f"dns {name} -> {address} not admitted (rebinding guard: only an "
+                    "explicit IP/CIDR rule can allow it)")
+            self._event_line(text)
+            self._log({"event": "message", "time": round(time.time(), 6), "text": text})
         if self.log is not None:
             from tapbox.eventlog import NO_RULE, dns_event
 
@@ -96,29 +136,34 @@ class Audit:
             if event.rule == AUDIT_RULE_TEXT:
                 fields["rule"] = NO_RULE
             self._log(fields)
+        reason = event.reason or "no rule"
         if self.summary is not None:
-            self.summary.add_dns(name=event.name, verdict=event.verdict)
+            self.summary.add_dns(name=event.name, verdict=event.verdict, reason=reason)
         if self.learner is not None:
             self.learner.dns(event.name, event.verdict)
         if not self.verbose:
             return
+        qtype = escape(event.qtype)
         if event.verdict == "denied":
-            self._print(f"denied dns {event.name} {event.qtype} (no rule)")
+            self._event_line(f"denied dns {name} {qtype} ({reason})")
         elif event.verdict == "error":
-            self._print(f"dns {event.name} {event.qtype}: upstream failed")
+            self._event_line(f"dns {name} {qtype}: {event.reason or 'failed'}")
+        elif event.verdict == "local":
+            self._event_line(f"dns {name} {qtype}: answered by tapbox ({reason})")
         else:
             answers = ", ".join(event.answers) or "no addresses"
             if event.verdict == "would-deny":
-                self._print(f"would deny dns {event.name} {event.qtype} -> {answers} (no rule)")
+                self._event_line(f"would deny dns {name} {qtype} -> {answers} (no rule)")
             else:
-                self._print(f"dns {event.name} {event.qtype} -> {answers} (rule {event.rule})")
+                self._event_line(f"dns {name} {qtype} -> {answers} "
+                                 f"(rule {escape(event.rule)})")
 
     # ----- the run's beginning and end ----------------------------------------------------------
 
     def run_started(self, **fields: Any) -> None:
         self._log({"event": "start", "time": round(time.time(), 6), **fields})
 
-    def run_finished(self, status: int | None) -> None:
+    def run_finished(self, status: int | None, drops: dict[str, int] | None = None) -> None:
         """Release held flows, log the exit event; call once the engine has stopped."""
         for record in list(self._held.values()):
             if record.process is None:
@@ -127,9 +172,14 @@ class Audit:
                 record.process = ProcessInfo(None, note="tapbox stopped before it was found")
             record.attributing = False
             self.flow_attributed(record)
-        self._log({"event": "exit", "time": round(time.time(), 6), "status": status,
-                   "flows": self._serial, "denied": self.denied_count,
-                   "would_deny": self.would_deny_count})
+        self.flush_suppressed()
+        event: dict[str, Any] = {"event": "exit", "time": round(time.time(), 6),
+                                 "status": status, "flows": self._serial,
+                                 "denied": self.denied_count,
+                                 "would_deny": self.would_deny_count}
+        if drops:
+            event["dropped"] = dict(sorted(drops.items()))  # the stack's own reason names
+        self._log(event)
         if self.log is not None:
             self.log.close()
 
@@ -142,8 +192,16 @@ class Audit:
         return self.summary.render() if wanted else []
 
     def print_summary(self) -> None:
+        self.flush_suppressed()
         for line in self.summary_lines():
             self._print(line, prefix="")
+
+    def flush_suppressed(self) -> None:
+        """Say how many per-event lines the rate limit kept back, if any."""
+        if self.suppressed:
+            count, self.suppressed = self.suppressed, 0
+            self._print(f"{count} more line{'s' * (count != 1)} about connections and DNS "
+                        "not shown (too many too fast; the summary and --log count them all)")
 
     # ----- sinks --------------------------------------------------------------------------------
 
@@ -156,30 +214,39 @@ class Audit:
         if self.learner is not None:
             self.learner.flow(record)
         who = _who(record)
+        reason = escape(record.reason)
         if record.would_deny:
             self.would_deny_count += 1
-            key = (flow.proto, flow.dst, flow.dport)
             if self.verbose:
-                self._print(f"audit: would deny {flow} ({record.reason}){who}")
-            elif not self.quiet and key not in self._denied_seen:
-                self._denied_seen.add(key)
-                self._print(f"audit: would deny {flow}{_named(record)}")
+                self._event_line(f"audit: would deny {flow} ({reason}){who}")
+            elif not self.quiet and self._first_denial(flow.proto, flow.dst, flow.dport):
+                self._event_line(f"audit: would deny {flow}{_named(record)}")
             return
         if record.allowed:
             self.allowed_count += 1
             if self.verbose:
-                self._print(f"allowed {flow} ({record.reason}){who}")
+                self._event_line(f"allowed {flow} ({reason}){who}")
             return
         self.denied_count += 1
-        key = (flow.proto, flow.dst, flow.dport)
         if self.verbose:
-            self._print(f"denied {flow} ({record.reason}){who}")
-        elif not self.quiet and key not in self._denied_seen:
-            self._denied_seen.add(key)
+            self._event_line(f"denied {flow} ({reason}){who}")
+        elif not self.quiet and self._first_denial(flow.proto, flow.dst, flow.dport):
             # A refusal for another reason than the allowlist (a limit, the rebinding guard)
             # says so, lest the user think the allowlist is wrong.
-            why = "" if record.reason == "no rule" else f" ({record.reason})"
-            self._print(f"denied {flow}{why}")
+            why = "" if record.reason == "no rule" else f" ({reason})"
+            self._event_line(f"denied {flow}{why}")
+
+    def _first_denial(self, proto: str, dst: str, dport: int) -> bool:
+        """Whether this destination's denial has not been reported yet (bounded memory)."""
+        key = (proto, dst, dport)
+        seen = self._denied_seen
+        if key in seen:
+            seen.move_to_end(key)
+            return False
+        seen[key] = None
+        if len(seen) > MAX_DENIED_REMEMBERED:
+            seen.popitem(last=False)
+        return True
 
     def _ended(self, record: FlowRecord) -> None:
         if self.log is not None:
@@ -195,8 +262,8 @@ class Audit:
                                   rule=record.rule, reason=record.reason,
                                   bytes_out=record.bytes_out, bytes_in=record.bytes_in)
         if self.verbose and (record.allowed or record.would_deny):
-            self._print(f"{record.flow} ended: {record.ending} ({record.bytes_out} bytes out, "
-                        f"{record.bytes_in} in)")
+            self._event_line(f"{record.flow} ended: {record.ending} ({record.bytes_out} bytes "
+                             f"out, {record.bytes_in} in)")
 
     def _log(self, event: dict[str, Any]) -> None:
         if self.log is None:
@@ -206,9 +273,17 @@ class Audit:
             self._log_failure_told = True
             self._print(self.log.failed)
 
+    def _event_line(self, text: str) -> None:
+        """A line about one flow or DNS query: printed within the rate limit, else counted."""
+        if not self.budget.take():
+            self.suppressed += 1
+            return
+        self.flush_suppressed()
+        self._print(text)
+
     def _print(self, text: str, prefix: str = "tapbox: ") -> None:
         try:
-            print(f"{prefix}{text}", file=self.stream, flush=True)
+            print(escape(f"{prefix}{text}"), file=self.stream, flush=True)
         except (OSError, ValueError):
             pass  # a closed stderr must not take the firewall down
 
@@ -217,8 +292,8 @@ def _who(record: FlowRecord) -> str:
     info = record.process
     if info is None or info.pid is None:
         return ""
-    return f" by pid {info.pid} ({info.comm})"
+    return f" by pid {info.pid} ({escape(info.comm)})"
 
 
 def _named(record: FlowRecord) -> str:
-    return f" (dns {record.name})" if record.name else ""
+    return f" (dns {escape(record.name)})" if record.name else ""

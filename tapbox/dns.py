@@ -11,26 +11,40 @@ judged, and a fresh query is built for the upstream resolver.
    does not -> FORMERR.  Only a standard QUERY (opcode 0, RFC 1035 §4.1.1) of class IN with
    exactly one question is served; other opcodes get NOTIMP, other shapes FORMERR, EDNS versions
    above 0 BADVERS (RFC 6891 §6.1.3), zone transfers and non-IN classes REFUSED.
-2. Judge the question name (never an address): ``policy.name_allowed(name)``.  Names are passed
+2. Names inside the sandbox's own networks' reverse zones (``2.0.10.in-addr.arpa``, the
+   nibble zone of fd00::/64) are answered by tapbox itself, as RFC 6303 has resolvers answer
+   the reverse zones of private ranges: NXDOMAIN, or the zone's SOA at its apex.  ``ping
+   10.0.2.2`` asks for ``2.2.0.10.in-addr.arpa``; nothing upstream knows that name.
+3. Judge the question name (never an address): ``policy.name_allowed(name)``.  Names are passed
    lowercased, without the final dot.  A label holding anything but letters, digits, ``-`` and
    ``_`` is denied outright, so that an escaped dot inside a label (``a\\.example.com``) can never
-   look like a subdomain to a suffix match.  Denied -> NXDOMAIN (RFC 1035 §4.1.1 RCODE 3) and
-   nothing is sent upstream.
-3. Allowed -> a new query (random id, same name/type, RD/CD/DO copied, EDNS0 with a 1232-byte
-   payload) goes to the upstreams in order over UDP, and again over TCP (RFC 7766 §5) to the same
+   look like a subdomain to a suffix match; so is a name whose last label is all digits (a
+   literal address such as ``169.254.169.254``: no allowlist rule can name it).  Denied ->
+   NXDOMAIN (RFC 1035 §4.1.1 RCODE 3) and nothing is sent upstream.
+4. Only the query types programs need to reach a name are served (``SERVED_TYPES``: A, AAAA,
+   CNAME; docs/threat-model.md says why); any other type of an admitted name is REFUSED
+   (RFC 1035 §4.1.1 RCODE 5: refused for policy reasons) and nothing is sent upstream.  With
+   the name's letter case this closes most of what the sandbox could otherwise encode in a
+   query for an exactly admitted name (the type alone carries 16 bits).
+5. Allowed -> a new query goes to the upstreams: a random id, the name *lowercased* (the
+   sandbox's choice of letter case is not passed on: RFC 1035 §2.3.3 makes names
+   case-insensitive, and the case bits are a channel), the same type, RD set, DO copied (it
+   changes what the answer holds), CD not copied, EDNS0 with a 1232-byte payload.  It goes to
+   the upstreams in order over UDP, and again over TCP (RFC 7766 §5) to the same
    upstream when the UDP answer has TC set.  The exchange uses trio sockets directly (dnspython
    builds and parses the messages; its trio backend needs a newer trio than tapbox supports).
    ``timeout`` bounds the whole call: each upstream gets an equal share of the time left.
    All fail -> SERVFAIL.
-4. From the upstream answer, the CNAME chain is followed from the asked name (RFC 1034 §3.6.2,
+6. From the upstream answer, the CNAME chain is followed from the asked name (RFC 1034 §3.6.2,
    §4.3.2; at most 16 hops, loop-safe) and the A/AAAA records owned by the name at its end are
    handed to ``policy.learn`` under the *asked* name's rules.  Addresses the policy refuses
    (rebinding guard) are deleted from the reply, so the sandbox never sees an address it could
    not use; if none are left the reply is NOERROR with no address records (NODATA, RFC 2308
    §2.2), not NXDOMAIN: the name exists, it just has nothing the sandbox may reach.  When the
    chain ends without addresses in the answer, the final name is *not* resolved again.
-5. The reply is built from the sandbox's own query (its id, its question, its EDNS state) and
-   the upstream's sections and RCODE, then sized for the transport: over UDP 512 bytes, or the
+7. The reply is built from the sandbox's own query (its id, its question in the client's own
+   letter case, as resolvers answer a 0x20-randomised query; its EDNS state) and the
+   upstream's sections and RCODE, then sized for the transport: over UDP 512 bytes, or the
    client's EDNS payload size (less than 512 counts as 512), capped by what one datagram on
    the link can carry (``udp_limit``, from the MTU) (RFC 1035 §4.2.1, RFC 6891 §6.2.5); 65535
    over TCP (RFC 1035 §4.2.2).  What does not fit is cut and TC is set, so the client retries
@@ -51,7 +65,7 @@ import logging
 import socket
 import struct
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import dns.flags
@@ -61,9 +75,11 @@ import dns.opcode
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
+import dns.reversename
 import dns.rrset
 import trio
 
+from tapbox.policy import SANDBOX_NET4, SANDBOX_NET6
 from tapbox.upstream import parse_upstream, upstreams_from_resolv_conf
 
 __all__ = [
@@ -94,6 +110,23 @@ _RA = 0x0080
 
 _LABEL_OK = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 _ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
+# The query types served for admitted names (docs/threat-model.md, "DNS"): what getaddrinfo()
+# asks (A, AAAA) and the alias type tools ask for directly.  Clients of HTTPS/SVCB records fall
+# back to A/AAAA when refused.
+SERVED_TYPES = frozenset({dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.CNAME})
+
+
+def _reverse_zone(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> dns.name.Name:
+    """The reverse zone of a network on an octet (IPv4) or nibble (IPv6) boundary."""
+    labels = dns.reversename.from_address(str(network.network_address)).labels
+    keep = network.prefixlen // (8 if network.version == 4 else 4)
+    suffix = 2  # in-addr.arpa / ip6.arpa, then the root label
+    return dns.name.Name(labels[len(labels) - suffix - 1 - keep:])
+
+
+# Reverse zones answered by tapbox itself (RFC 6303 §3: locally served zones).
+LOCAL_ZONES = (_reverse_zone(SANDBOX_NET4), _reverse_zone(SANDBOX_NET6))
+LOCAL_REASON = "the sandbox's own network"
 # Upstream RCODEs after which the next upstream is tried instead.
 _RETRY_RCODES = frozenset(
     {dns.rcode.SERVFAIL, dns.rcode.REFUSED, dns.rcode.NOTIMP, dns.rcode.FORMERR}
@@ -122,10 +155,13 @@ class DnsEvent:
 
     name: str  # asked name, lowercased, no final dot ("" if the query had no usable question)
     qtype: str  # e.g. "A", "AAAA", "TXT" ("" if unknown)
-    verdict: Literal["allowed", "denied", "would-deny", "error"]  # would-deny: audit mode
+    # would-deny: audit mode; local: answered by tapbox itself (the sandbox's reverse zones)
+    verdict: Literal["allowed", "denied", "would-deny", "error", "local"]
     rule: str | None  # text of the first rule admitting the name
     answers: tuple[str, ...] = ()  # addresses (A/AAAA) admitted to the policy and returned
     guarded: tuple[str, ...] = ()  # addresses refused by the rebinding guard and removed
+    # Why it was denied, answered locally or failed, in words (not part of equality).
+    reason: str = field(default="", compare=False)
 
 
 class _UpstreamFailed(Exception):
@@ -210,14 +246,25 @@ class DnsForwarder:
             dns.rdatatype.AXFR,
             dns.rdatatype.IXFR,
         ):
-            self._emit(DnsEvent(shown, qtype, "denied", None))
+            self._emit(DnsEvent(shown, qtype, "denied", None,
+                                reason="zone transfers and classes other than IN are not served"))
             return _render(_reply(query, dns.rcode.REFUSED), limit)
+
+        local = _local_zone(qname)
+        if local is not None:
+            self._emit(DnsEvent(shown, qtype, "local", None, reason=LOCAL_REASON))
+            return _render(_local_answer(query, qname, question.rdtype, local), limit)
 
         rules = list(self.policy.name_allowed(name)) if name is not None else []
         if name is None or not rules:
-            self._emit(DnsEvent(shown, qtype, "denied", None))
+            why = "no rule" if name is not None else "not a name a rule can admit"
+            self._emit(DnsEvent(shown, qtype, "denied", None, reason=why))
             return _render(_reply(query, dns.rcode.NXDOMAIN), limit)
         rule_text = rules[0].text
+        if question.rdtype not in SERVED_TYPES:
+            self._emit(DnsEvent(name, qtype, "denied", rule_text,
+                                reason=f"query type {qtype} is not served"))
+            return _render(_reply(query, dns.rcode.REFUSED), limit)
         # Audit mode (tapbox.auditpolicy): a stand-in rule lets a name without a rule resolve.
         verdict: Literal["allowed", "would-deny"] = (
             "would-deny" if getattr(rules[0], "would_deny", False) else "allowed"
@@ -227,16 +274,20 @@ class DnsForwarder:
             self._emit(DnsEvent(name, qtype, verdict, rule_text))
             return _render(_reply(query, dns.rcode.NOERROR), limit)
 
+        # Upstream sees the name in lower case, whatever case the sandbox used.
+        lower = dns.name.from_text(name + ".")
         try:
-            upstream = await self._resolve(query, qname, question.rdtype)
-        except _UpstreamFailed:
-            self._emit(DnsEvent(name, qtype, "error", rule_text))
+            upstream = await self._resolve(query, lower, question.rdtype)
+        except _UpstreamFailed as exc:
+            self._emit(DnsEvent(name, qtype, "error", rule_text,
+                                reason=f"upstream failed ({exc})"))
             return _render(_reply(query, dns.rcode.SERVFAIL), limit)
 
         rcode = upstream.rcode()
         if rcode > 0xF and query.edns < 0:
             # An extended RCODE cannot be expressed to a client without EDNS.
-            self._emit(DnsEvent(name, qtype, "error", rule_text))
+            self._emit(DnsEvent(name, qtype, "error", rule_text,
+                                reason="extended RCODE for a client without EDNS"))
             return _render(_reply(query, dns.rcode.SERVFAIL), limit)
 
         answer_rrsets = list(upstream.answer)
@@ -316,7 +367,7 @@ class DnsForwarder:
                 payload=EDNS_PAYLOAD,
                 want_dnssec=want_dnssec,
             )
-            q.flags = dns.flags.Flag(client.flags & (dns.flags.RD | dns.flags.CD))
+            q.flags = dns.flags.RD  # nothing else of the sandbox's flags is passed on
             with trio.move_on_after(share):
                 try:
                     r = await _exchange_udp(q, host, port)
@@ -362,14 +413,47 @@ def _describe(msg: dns.message.Message) -> tuple[str, str]:
 
 
 def _policy_name(qname: dns.name.Name) -> str | None:
-    """The name as the policy sees it, or None if it can never be allowed."""
+    """The name as the policy sees it, or None if it can never be allowed: a label with other
+    characters than letters, digits, '-' and '_', or a last label of digits only (an address
+    written as a name, as tapbox.allowlist refuses it in a rule)."""
     labels = [label for label in qname.labels if label]
     if not labels:
         return None
     for label in labels:
         if not _LABEL_OK.issuperset(label):
             return None
+    if labels[-1].isdigit():
+        return None
     return b".".join(labels).decode("ascii").lower()
+
+
+def _local_zone(qname: dns.name.Name) -> dns.name.Name | None:
+    """The locally served zone `qname` is in, if any."""
+    for zone in LOCAL_ZONES:
+        if qname.is_subdomain(zone):
+            return zone
+    return None
+
+
+def _local_answer(query: dns.message.Message, qname: dns.name.Name, rdtype: int,
+                  zone: dns.name.Name) -> dns.message.Message:
+    """Authoritative answer from a locally served zone that holds only its SOA (RFC 6303 §3:
+    the SOA and NS records given there; NXDOMAIN below the apex)."""
+    reply = _reply(query, dns.rcode.NOERROR)
+    reply.flags |= dns.flags.AA
+    soa = dns.rrset.from_text(zone, 10800, dns.rdataclass.IN, dns.rdatatype.SOA,
+                              f"{zone} nobody.invalid. 1 604800 86400 2419200 10800")
+    if qname != zone:
+        reply.set_rcode(dns.rcode.NXDOMAIN)
+        reply.authority.append(soa)
+    elif rdtype == dns.rdatatype.SOA:
+        reply.answer.append(soa)
+    elif rdtype == dns.rdatatype.NS:
+        reply.answer.append(dns.rrset.from_text(zone, 10800, dns.rdataclass.IN,
+                                                dns.rdatatype.NS, str(zone)))
+    else:
+        reply.authority.append(soa)  # NODATA (RFC 2308 §2.2)
+    return reply
 
 
 def _follow_cnames(qname: dns.name.Name, rrsets: Sequence[dns.rrset.RRset]) -> dns.name.Name:

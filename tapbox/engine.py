@@ -13,7 +13,12 @@ Each new flow is decided by the policy before anything leaves the machine:
   host socket accepts it (so the window the stack advertises closes when the host is slow), and
   host -> sandbox reads from the host only while the stack's send buffer has room.
 - UDP: one connected host socket per flow, closed after an idle timeout; denied -> ICMP port
-  unreachable. Datagrams to the DNS address go to `tapbox.dns` instead.
+  unreachable. Datagrams to the DNS address go to `tapbox.dns` instead. A denied datagram
+  flow (UDP, or a ping) is remembered while the sandbox keeps sending on it (`_Refused`): its
+  further datagrams are refused and counted on the same record, so a loop sending to one
+  denied destination is one flow, reported once, not one per datagram. It ends after the same
+  idle timeout as an allowed flow, or at once when a new decision would differ (DNS has since
+  admitted the address, a full flow table has room again).
 Addresses inside the sandbox's own network are never proxied (only DNS there is served).
 A flow's `dst` is always the address decided on (an IPv4 address the sandbox wrote in an IPv6
 form is given as IPv4 by the stack); the host socket goes to that address, except that a NAT64
@@ -35,7 +40,7 @@ import os
 import socket as pysocket
 import struct
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -62,6 +67,7 @@ class EngineConfig:
     connect_timeout: float = 15.0
     udp_idle_timeout: float = 60.0
     max_udp_flows: int = 1024
+    max_refused_flows: int = 4096  # denied datagram flows remembered (oldest ended first)
     faults: FaultSpec | None = None  # test-only frame seam (tapbox.faults)
 
 
@@ -99,6 +105,15 @@ class _TcpProxy:
         self.writable.set()
 
 
+@dataclass
+class _Refused:
+    """A denied datagram flow, remembered while the sandbox keeps sending on it."""
+
+    record: FlowRecord
+    last_used: float
+    last_wall: float
+
+
 class _DatagramRelay:
     """One UDP or ICMP-echo flow: a connected, non-blocking host socket (sends never wait:
     datagrams may drop, as at a router). `deliver` hands a reply to the stack; `refused`
@@ -127,6 +142,8 @@ class Engine:
         self.dns_ips = {iface.dns_ip, iface.dns_ip6} if iface.ipv6 else {iface.dns_ip}
         self.tcp: dict[ev.Flow, _TcpProxy] = {}
         self.udp: dict[ev.Flow, _DatagramRelay] = {}  # UDP and ICMP echo flows
+        self.refused: OrderedDict[ev.Flow, _Refused] = OrderedDict()  # least recent first
+        self._refusing: set[int] = set()  # ids of records whose refusal awaits attribution
         self.frames_dropped = 0
         self.internal_errors: Counter[str] = Counter()  # by exception type: bugs, not input
         self.faults = FaultInjector(self.config.faults, self.stack.prefix) \
@@ -141,11 +158,16 @@ class Engine:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the sandbox until cancelled; reports started once frames are being read."""
         os.set_blocking(self.tap_fd, False)
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._timer_loop)
-            task_status.started()
-            await self._read_loop()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._timer_loop)
+                nursery.start_soon(self._expire_refused)
+                task_status.started()
+                await self._read_loop()
+        finally:
+            while self.refused:
+                self._end_refused(next(iter(self.refused)))
 
     async def _read_loop(self) -> None:
         fd = self.tap_fd
@@ -336,8 +358,10 @@ class Engine:
             return Decision(False, None, None, "the sandbox's own network is not proxied")
         return self.policy.decide(flow.dst, flow.dport, trio.current_time())
 
-    def _begin(self, flow: ev.Flow, refuse: str | None = None) -> FlowRecord:
-        """Decide a new flow and report it; denied flows are reported ended at once."""
+    def _begin(self, flow: ev.Flow, refuse: str | None = None,
+               end_denied: bool = True) -> FlowRecord:
+        """Decide a new flow and report it; denied flows are reported ended at once unless
+        `end_denied` is False (the caller ends them)."""
         decision = self._decide(flow)
         would_deny = decision.would_deny and refuse is None  # audit mode: let through
         allowed = (decision.allowed or would_deny) and refuse is None
@@ -347,7 +371,7 @@ class Engine:
         if self.attributor is not None:
             self.attributor.start(record)
         self.audit.flow_started(record)
-        if not allowed:
+        if not allowed and end_denied:
             self._end(record, "denied")
         return record
 
@@ -356,12 +380,16 @@ class Engine:
         the refusal makes the sandbox drop the socket, and with it the trace to the process."""
         if self.attributor is None or not record.attributing:
             refuse()
-        else:
+        elif id(record) not in self._refusing:  # one waiting refusal answers the socket
+            self._refusing.add(id(record))
             self._spawn(self._refuse_attributed, record, refuse)
 
     async def _refuse_attributed(self, record: FlowRecord, refuse: Callable[[], object]) -> None:
         assert self.attributor is not None
-        await self.attributor.settled(record)
+        try:
+            await self.attributor.settled(record)
+        finally:
+            self._refusing.discard(id(record))
         refuse()
         self._service()
 
@@ -608,10 +636,23 @@ class Engine:
     def _open_relay(self, flow: ev.Flow, kind: int, proto: int, address: tuple[str, int],
                     deliver: Callable[[bytes], None], refused: Callable[[], None],
                     reject: Callable[[], None]) -> _DatagramRelay | None:
-        """Decide a new datagram flow and, if allowed, open its host socket and relay task."""
+        """Decide a new datagram flow and, if allowed, open its host socket and relay task.
+        A datagram of a flow already refused and still refused is counted on that flow."""
         full = len(self.udp) >= self.config.max_udp_flows
-        record = self._begin(flow, refuse="too many datagram flows" if full else None)
+        known = self.refused.get(flow)
+        if known is not None:
+            if self._still_refused(known, flow, full):
+                self.refused.move_to_end(flow)
+                known.record.datagrams_out += 1
+                known.last_used, known.last_wall = trio.current_time(), time.time()
+                self._refuse(known.record, reject)
+                return None
+            self._end_refused(flow)  # decided again below, as a new flow
+        record = self._begin(flow, refuse="too many datagram flows" if full else None,
+                             end_denied=False)
         if not record.allowed:
+            record.datagrams_out = 1
+            self._remember_refused(record)
             self._refuse(record, reject)
             return None
         try:
@@ -637,9 +678,47 @@ class Engine:
         self._spawn(self._relay, relay)
         return relay
 
+    # ----- refused datagram flows ------------------------------------------------------------
+
+    def _still_refused(self, known: _Refused, flow: ev.Flow, full: bool) -> bool:
+        """Whether a new decision for a refused flow would refuse it again."""
+        if known.record.reason == "too many datagram flows":
+            return full
+        decision = self._decide(flow)
+        return not (decision.allowed or decision.would_deny)
+
+    def _remember_refused(self, record: FlowRecord) -> None:
+        flow = record.flow
+        self.refused[flow] = _Refused(record, trio.current_time(), time.time())
+        while len(self.refused) > self.config.max_refused_flows:
+            self._end_refused(next(iter(self.refused)))
+
+    def _end_refused(self, flow: ev.Flow) -> None:
+        known = self.refused.pop(flow)
+        record = known.record
+        if record.ended is None:
+            record.ended = known.last_wall  # the flow was last active then
+            record.ending = "denied"
+            self.audit.flow_ended(record)
+
+    async def _expire_refused(self) -> None:
+        """End the refused flows the sandbox has stopped sending on."""
+        idle = self.config.udp_idle_timeout
+        while True:
+            await trio.sleep(max(1.0, idle / 4))
+            cutoff = trio.current_time() - idle
+            while self.refused:
+                flow, known = next(iter(self.refused.items()))
+                if known.last_used > cutoff:
+                    break
+                self._end_refused(flow)
+
+    # ----- UDP relays -----------------------------------------------------------------------
+
     def _relay_send(self, relay: _DatagramRelay, data: bytes, payload_len: int) -> None:
         relay.last_used = trio.current_time()
         relay.record.bytes_out += payload_len
+        relay.record.datagrams_out += 1
         try:
             relay.sock.send(data)
         except OSError:
@@ -665,6 +744,7 @@ class Engine:
                         continue
                     relay.last_used = trio.current_time()
                     relay.record.bytes_in += len(data)
+                    relay.record.datagrams_in += 1
                     relay.deliver(data)
                     self._service()
                 if scope.cancelled_caught and \

@@ -14,8 +14,13 @@ complete JSON object carrying ``"v": LOG_VERSION``; docs/audit.md documents the 
   when the log stops)
 - ``message``  what tapbox said on stderr about the network (e.g. the rebinding guard)
 - ``exit``     once, at the end: the command's exit status
+- ``truncated`` instead of everything after it, when the next line would take the file past
+  its size limit (`--log-limit`): room for this last line is kept, so the file never exceeds
+  the limit and always says why it stops
 
-`read_events()` is the reading side, used by `tapbox log show`.
+Lines are pure ASCII (json.dumps with ensure_ascii): whatever the sandbox put in a name or an
+argument is a JSON escape in the file, never a byte a terminal would obey when the file is
+printed. `read_events()` is the reading side, used by `tapbox log show`.
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from tapbox.flows import FlowRecord, ProcessInfo
+from tapbox.options import DEFAULT_LOG_LIMIT, MIN_LOG_LIMIT  # --log-limit
 
 if TYPE_CHECKING:  # tapbox.dns pulls in dnspython: `tapbox log show` does not need it
     from tapbox.dns import DnsEvent
 
 LOG_VERSION = 1
 NO_RULE = "no rule"
+_TRUNCATED_ROOM = 256  # bytes kept free for the final "truncated" line
 
 # How a flow ended, in the log's own words: the engine's detail -> category.
 ENDINGS = ("closed", "reset", "refused upstream", "timeout", "unreachable", "denied",
@@ -105,43 +112,69 @@ def flow_start_event(record: FlowRecord) -> dict[str, Any]:
 
 def flow_end_event(record: FlowRecord) -> dict[str, Any]:
     end = record.ended if record.ended is not None else time.time()
-    return {"event": "flow_end", "time": round(end, 6), **flow_fields(record),
-            "end": round(end, 6), "duration": round(max(0.0, end - record.started), 6),
-            "bytes_out": record.bytes_out, "bytes_in": record.bytes_in,
-            "ending": ending_category(record.ending), "ending_detail": record.ending}
+    fields = {"event": "flow_end", "time": round(end, 6), **flow_fields(record),
+              "end": round(end, 6), "duration": round(max(0.0, end - record.started), 6),
+              "bytes_out": record.bytes_out, "bytes_in": record.bytes_in}
+    if record.flow.proto != "tcp":  # UDP and pings: one flow holds many datagrams
+        fields["datagrams_out"] = record.datagrams_out
+        fields["datagrams_in"] = record.datagrams_in
+    fields["ending"] = ending_category(record.ending)
+    fields["ending_detail"] = record.ending
+    return fields
 
 
 def dns_event(event: DnsEvent) -> dict[str, Any]:
-    return {"event": "dns", "time": round(time.time(), 6), "name": event.name,
-            "qtype": event.qtype, "verdict": event.verdict, "rule": event.rule or NO_RULE,
-            "answers": list(event.answers), "guarded": list(event.guarded)}
+    fields = {"event": "dns", "time": round(time.time(), 6), "name": event.name,
+              "qtype": event.qtype, "verdict": event.verdict, "rule": event.rule or NO_RULE,
+              "answers": list(event.answers), "guarded": list(event.guarded)}
+    if event.reason:
+        fields["reason"] = event.reason
+    return fields
 
 
 class LogError(Exception):
     pass
 
 
-class EventLog:
-    """Appends events to FILE, one flushed line each."""
+def _line(event: dict[str, Any]) -> bytes:
+    return (json.dumps({"v": LOG_VERSION, **event}, separators=(",", ":"), ensure_ascii=True)
+            + "\n").encode("ascii")
 
-    def __init__(self, path: str) -> None:
+
+class EventLog:
+    """Appends events to FILE, one flushed line each, up to `limit` bytes in all."""
+
+    def __init__(self, path: str, limit: int = DEFAULT_LOG_LIMIT) -> None:
         self.path = path
+        self.limit = max(limit, MIN_LOG_LIMIT)
+        self.size = 0
         try:
             self._fd: int | None = os.open(
                 path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise LogError(f"--log {path}: cannot open: {exc.strerror or exc}") from None
-        self.failed: str | None = None
+        self.failed: str | None = None  # why the log stopped early, for stderr
 
     def write(self, event: dict[str, Any]) -> None:
         if self._fd is None:
             return
-        line = json.dumps({"v": LOG_VERSION, **event}, separators=(",", ":"),
-                          ensure_ascii=False) + "\n"
-        data = line.encode("utf-8", "replace")
+        data = _line(event)
+        if self.size + len(data) > self.limit - _TRUNCATED_ROOM:
+            self._write(_line({"event": "truncated", "time": round(time.time(), 6),
+                               "limit": self.limit, "size": self.size}))
+            if self.failed is None:
+                self.failed = f"the log {self.path} reached its size limit (--log-limit " \
+                              f"{self.limit} bytes); the log stops here"
+            self.close()
+            return
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        assert self._fd is not None
         try:
             while data:
                 written = os.write(self._fd, data)
+                self.size += written
                 data = data[written:]
         except OSError as exc:
             self.failed = f"writing the log {self.path} failed ({exc.strerror or exc}); " \

@@ -38,6 +38,8 @@ class FlowRecord:
     ended: float | None = None
     bytes_out: int = 0  # sandbox -> destination
     bytes_in: int = 0  # destination -> sandbox
+    datagrams_out: int = 0  # UDP/ICMP: datagrams from the sandbox (for a denied flow: refused)
+    datagrams_in: int = 0  # UDP/ICMP: datagrams to the sandbox
     # How it ended: "denied", "closed", "reset by sandbox", "reset by host",
     # "refused upstream", "connect timeout", "unreachable upstream", "idle timeout", ...
     ending: str | None = None

@@ -43,6 +43,8 @@ from tapbox.errors import UsageError
 DEFAULT_MTU = 65520
 MIN_MTU = 576  # the smallest datagram every IPv4 host must accept (RFC 791)
 DEFAULT_PCAP_LIMIT = 100_000_000  # bytes: "100M"
+DEFAULT_LOG_LIMIT = 100_000_000  # bytes: "100M"
+MIN_LOG_LIMIT = 4096  # room for the start event and the truncation notice
 
 IPv6Mode = Literal["auto", "on", "off"]
 FilesystemView = Literal["host"]
@@ -116,6 +118,7 @@ class RecordOptions(_Part):
     log: str | None = field(default=None, metadata=PATH)  # JSON-lines event log
     pcap: str | None = field(default=None, metadata=PATH)  # capture of tap0's frames
     pcap_limit: int = field(default=DEFAULT_PCAP_LIMIT, metadata=SIZE)  # bytes
+    log_limit: int = field(default=DEFAULT_LOG_LIMIT, metadata=SIZE)  # bytes; then "truncated"
     learn: str | None = field(default=None, metadata=PATH)  # allowlist to write (audit mode)
     audit: bool = False  # block nothing, record what would be denied
     # auto: denied connections as they happen, and the summary table when something was
@@ -221,6 +224,9 @@ class RunOptions:
         if record.pcap_limit <= 0:
             raise fail("record.pcap_limit", f"{name('record.pcap_limit')} {record.pcap_limit}: "
                                             "must be a positive number of bytes")
+        if record.log_limit < MIN_LOG_LIMIT:
+            raise fail("record.log_limit", f"{name('record.log_limit')} {record.log_limit}: "
+                                           f"must be at least {MIN_LOG_LIMIT} bytes")
         if not net.enabled:
             for path, used in (("record.log", record.log), ("record.audit", record.audit),
                                ("record.learn", record.learn), ("record.pcap", record.pcap)):

@@ -13,7 +13,9 @@ Two kinds of rule can admit a flow:
    resolve names through tapbox's own DNS server; when it answers an allowed name, it calls
    :meth:`Policy.learn` with the addresses it returned (for a CNAME chain: the name asked, and
    the addresses at the end of the chain). Each address is then admitted, on the ports of the
-   rule that allowed the name, for ``max(ttl, min_ttl)`` seconds.
+   rule that allowed the name, for ``max(ttl, min_ttl)`` seconds. When several names lead to
+   one address, a flow to it is labelled with the name whose answer gave the address most
+   recently (the name the program most likely just looked up).
 
 Rebinding guard: an address the `Guard` flags (tapbox.guard: the host's loopback and own
 addresses, link-local and metadata, unspecified, multicast, broadcast, the sandbox's own network,
@@ -78,7 +80,8 @@ def is_guarded(ip: str | IPAddress) -> str | None:
 
 @dataclass
 class _Admission:
-    """One learned address: for each rule that admits it, (name learned from, expiry time)."""
+    """One learned address: for each rule that admits it, (name learned from, expiry time),
+    the rule whose answer came last at the end (and its name the one learned last)."""
 
     by_rule: dict[Rule, tuple[str, float]]
     expires: float  # the latest expiry in by_rule
@@ -157,9 +160,9 @@ class Policy:
             return Decision(True, rule, None, f"rule {rule.text}")
         admission = self._learned.get(address)
         if admission is not None:
-            live = [
+            live = [  # the most recently learned first
                 (learned_rule, learned_name)
-                for learned_rule, (learned_name, expires) in admission.by_rule.items()
+                for learned_rule, (learned_name, expires) in reversed(admission.by_rule.items())
                 if now < expires
             ]
             for learned_rule, learned_name in live:
@@ -206,9 +209,10 @@ class Policy:
             admission = _Admission(by_rule={}, expires=expires)
             self._learned[address] = admission
             self._push(address, expires)
-        previous = admission.by_rule.get(rule)
-        if previous is None or previous[1] <= expires:
-            admission.by_rule[rule] = (name, expires)
+        # Moved to the end with the latest name; the admission lasts as long as its longest.
+        previous = admission.by_rule.pop(rule, None)
+        admission.by_rule[rule] = (name, expires if previous is None
+                                   else max(previous[1], expires))
         if expires > admission.expires:
             admission.expires = expires
             self._push(address, expires)

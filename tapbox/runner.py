@@ -123,7 +123,7 @@ def _open_recording(command: Sequence[str], options: RunOptions) -> Recording:
             from tapbox.eventlog import EventLog, LogError
 
             try:
-                recording.log = EventLog(record.log)
+                recording.log = EventLog(record.log, record.log_limit)
             except LogError as exc:
                 raise SetupError(str(exc)) from None
         if record.pcap:
@@ -154,7 +154,7 @@ def run(command: Sequence[str], options: RunOptions) -> int:
     recording = _open_recording(command, options)
     if recording.learner is not None:
         rules.extend(recording.learner.existing)
-    if not rules and not options.record.audit_mode:
+    if not rules and not options.record.audit_mode and options.record.report != "quiet":
         print("tapbox: the allowlist is empty: no network access is allowed", file=sys.stderr)
     try:
         return _run_sandbox(command, options, network=True, rules=rules, recording=recording)
@@ -285,9 +285,10 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
         os.close(sandbox.tap_fd)
         drops = engine.drop_counts()
         if record.verbose and drops:
-            audit.say("frames dropped: " + ", ".join(f"{reason} {count}" for reason, count
-                                                     in sorted(drops.items())))
-        _finish(audit, recording, status)
+            from tapbox.dropreasons import summarize
+
+            audit.say(summarize(drops))
+        _finish(audit, recording, status, drops)
     return _learn(audit, recording, status)
 
 
@@ -308,9 +309,10 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-def _finish(audit: Audit, recording: Recording, status: int) -> None:
+def _finish(audit: Audit, recording: Recording, status: int,
+            drops: dict[str, int] | None = None) -> None:
     """Exit event, capture flushed, summary printed: whatever way the run ended."""
-    audit.run_finished(status)
+    audit.run_finished(status, drops)
     pcap = recording.pcap
     if pcap is not None:
         pcap.close()

@@ -29,7 +29,9 @@ Theory of operation
    - an authoritative DNS server for the ``test.`` zone (``ZONE_TEXT``) over UDP and TCP
      (RFC 7766 length-prefixed) on ``DNS_ENDPOINTS``; unknown names NXDOMAIN, a name without
      the asked type NOERROR/NODATA, CNAMEs chased inside the zone, SOA in negative answers,
-     names outside the zone REFUSED, TC set when a UDP answer does not fit.
+     names outside the zone REFUSED, except a name whose last label is all digits (a literal
+     address such as ``169.254.169.254``): NXDOMAIN, as a recursive resolver answers for a
+     top-level domain that does not exist; TC set when a UDP answer does not fit.
    Everything that reaches a server is recorded (connections, datagrams, DNS queries) so a test
    can assert that a server was *not* reached. ``reset()`` forgets the records.
 """
@@ -151,6 +153,7 @@ ns                  A     198.51.100.53
 ns                  AAAA  2001:db8::53
 api.example         A     192.0.2.10
 api.example         AAAA  2001:db8::10
+twin.example        A     192.0.2.10
 v6only.example      AAAA  2001:db8::10
 multi.example       A     192.0.2.10
 multi.example       A     192.0.2.20
@@ -471,6 +474,10 @@ class FakeZone:
             response.set_rcode(dns.rcode.FORMERR)
             return response
         q = query.question[0]
+        labels = [label for label in q.name.labels if label]
+        if q.rdclass == dns.rdataclass.IN and labels and labels[-1].isdigit():
+            response.set_rcode(dns.rcode.NXDOMAIN)  # no such top-level domain
+            return response
         if q.rdclass != dns.rdataclass.IN or not q.name.is_subdomain(self.origin):
             response.set_rcode(dns.rcode.REFUSED)
             return response

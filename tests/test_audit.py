@@ -273,7 +273,8 @@ def test_log_survives_the_command_killed_by_a_signal(run_tapbox: RunTapbox,
     one(flows(events, dst="203.0.113.7", verdict="denied"), "denied flow", events)
     # the summary is printed at exit, since something was denied
     assert "tapbox summary:" in proc.stderr and "203.0.113.7" in proc.stderr, describe(proc)
-    assert "DENIED: no rule" in proc.stderr, describe(proc)
+    rows = table_rows(proc.stderr)
+    assert rows[("203.0.113.7", "DENIED")][-2:] == ["(no", "rule)"], describe(proc)
 
 
 def test_log_is_written_as_events_happen(spawn_tapbox: SpawnTapbox, fakenet: FakeNet,
@@ -390,10 +391,11 @@ def test_audit_mode_lets_a_denied_flow_through_and_marks_it(
     # the summary is on by default in audit mode and marks what would have been denied
     err = proc.stderr
     assert "tapbox summary:" in err, describe(proc)
-    rows = {words[0]: " ".join(words) for words in table_rows(err).values()}
-    assert "WOULD DENY" in rows["denied.test"] and "WOULD DENY" in rows["203.0.113.10"], err
-    assert "WOULD DENY" not in rows["api.example.test"], err
-    assert "DENIED" in rows["10.0.2.2"], err
+    rows = table_rows(err)
+    assert ("denied.test", "WOULD DENY") in rows and ("203.0.113.10", "WOULD DENY") in rows, err
+    assert ("api.example.test", "allowed") in rows, err
+    assert ("api.example.test", "WOULD DENY") not in rows, err
+    assert rows[("10.0.2.2", "DENIED")][-2:] == ["(sandbox", "network)"], err
     assert "audit mode: nothing was blocked" in err, err
 
 
@@ -410,8 +412,8 @@ def test_summary_flags(run_tapbox: RunTapbox, fakenet: FakeNet) -> None:
     assert forced.returncode == 0, describe(forced)
     assert "tapbox summary: 1 flow to 1 destination" in forced.stderr, describe(forced)
     table = forced.stderr[forced.stderr.index("tapbox summary"):].splitlines()
-    assert table[1].split()[:4] == ["DESTINATION", "PORTS", "OK", "DENY"], table
-    assert table[2].split()[:4] == ["api.example.test", "tcp/80", "1", "0"], table
+    assert table[1].split() == ["VERDICT", "COUNT", "SENT", "RECV", "PORTS", "DESTINATION"]
+    assert table[2].split() == ["allowed", "1", "6", "25", "tcp/80", "api.example.test"], table
     assert all(len(line) <= 80 for line in table), table
     denied_cmd = ["sh", "-c", client("connect", "203.0.113.7", "80")]
     quiet = run_tapbox("-q", cmd=denied_cmd, allow_file_text="api.example.test\n",
@@ -425,15 +427,22 @@ def run_log_show(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, cwd=REPO_ROOT, env=tapbox_env(), timeout=SHORT)
 
 
-def table_rows(text: str) -> dict[str, list[str]]:
-    """destination -> the words of its row, from a summary table in `text`."""
+def table_rows(text: str) -> dict[tuple[str, str], list[str]]:
+    """(destination, verdict) -> [count, sent, recv, ports, rule or reason words...], from a
+    summary table in `text` (a rule or reason on a line of its own joins its row)."""
     lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("DESTINATION"))
-    rows = {}
+    start = next(i for i, line in enumerate(lines) if line.startswith("VERDICT"))
+    rows: dict[tuple[str, str], list[str]] = {}
+    last: list[str] = []
     for line in lines[start + 1:]:
         if not line.strip() or line.startswith(("#", "audit mode", "...")):
             break
-        rows[line.split()[0]] = line.split()
+        if line.startswith(" "):  # the rule or reason of the row above
+            last += line.split()
+            continue
+        verdict = "WOULD DENY" if line.startswith("WOULD DENY") else line.split()[0]
+        words = line[len(verdict):].split()
+        last = rows[(words[4], verdict)] = words[:4] + words[5:]
     return rows
 
 
@@ -450,20 +459,25 @@ def test_log_show_renders_and_filters(run_tapbox: RunTapbox, fakenet: FakeNet,
     table = full.stdout[full.stdout.index("tapbox summary"):]
     assert all(len(line) <= 80 for line in table.splitlines()), full.stdout
     rows = table_rows(full.stdout)
-    assert set(rows) == {"api.example.test", "203.0.113.7", "denied.test", "192.0.2.10",
-                         "203.0.113.10"}, full.stdout
-    assert rows["api.example.test"][1:4] == ["tcp/80", "1", "0"], full.stdout
-    assert rows["203.0.113.7"][1:4] == ["tcp/80", "0", "1"], full.stdout
-    assert rows["denied.test"][1:4] == ["dns", "0", "2"], full.stdout  # A and AAAA
-    assert rows["192.0.2.10"][1:4] == ["tcp/9,udp/5353", "2", "0"], full.stdout
+    assert set(rows) == {("api.example.test", "allowed"), ("203.0.113.7", "DENIED"),
+                         ("denied.test", "DENIED"), ("192.0.2.10", "allowed"),
+                         ("203.0.113.10", "allowed")}, full.stdout
+    assert rows[("api.example.test", "allowed")][:4] == ["1", "6", "25", "tcp/80"], full.stdout
+    assert rows[("203.0.113.7", "DENIED")] == ["1", "0", "0", "tcp/80", "(no", "rule)"]
+    assert rows[("denied.test", "DENIED")][:4] == ["2", "-", "-", "dns"]  # A and AAAA
+    assert rows[("192.0.2.10", "allowed")][::3][:2] == ["2", "tcp/9,udp/5353"], full.stdout
+    rules = " ".join(rows[("192.0.2.10", "allowed")][4:])
+    assert rules in ("(rules 192.0.2.10:9, 192.0.2.10:5353)",
+                     "(rules 192.0.2.10:5353, 192.0.2.10:9)"), full.stdout
 
     denied = run_log_show(str(log), "--denied")
     assert denied.returncode == 0, describe(denied)
-    assert set(table_rows(denied.stdout)) == {"203.0.113.7", "denied.test"}, denied.stdout
+    assert set(table_rows(denied.stdout)) == {("203.0.113.7", "DENIED"),
+                                              ("denied.test", "DENIED")}, denied.stdout
 
     domain = run_log_show(str(log), "--domain", "example.test", "--flows")
     assert domain.returncode == 0, describe(domain)
-    assert set(table_rows(domain.stdout)) == {"api.example.test"}, domain.stdout
+    assert set(table_rows(domain.stdout)) == {("api.example.test", "allowed")}, domain.stdout
     flow_lines = [line for line in domain.stdout.splitlines() if line.startswith("#")]
     assert len(flow_lines) == 1 and "ALLOWED closed" in flow_lines[0], domain.stdout
     assert " python" in flow_lines[0], domain.stdout

@@ -176,11 +176,13 @@ def test_summary_table_fits_80_columns_and_puts_denials_first() -> None:
     assert lines[0] == ("tapbox summary: 4 flows to 3 destinations, 3 denied, "
                         "1 name denied in DNS")
     assert all(len(line) <= 80 for line in lines), "\n".join(lines)
+    assert lines[1].split() == ["VERDICT", "COUNT", "SENT", "RECV", "PORTS", "DESTINATION"]
     rows = [line.split() for line in lines[2:]]
-    assert [r[0] for r in rows] == ["203.0.113.7", "denied.test",
-                                    "..." + long_name[-18:]]
-    assert rows[0][1:6] == ["tcp/80,+2", "0", "3", "0", "0"]
-    assert rows[2][1:6] == ["tcp/443", "1", "0", "1.5K", "20M"]
+    assert rows[0] == ["DENIED", "3", "0", "0", "tcp/80,+2", "203.0.113.7", "(no", "rule)"]
+    assert rows[1] == ["DENIED", "1", "-", "-", "dns", "denied.test", "(no", "rule)"]
+    assert rows[2][:5] == ["allowed", "1", "1.5K", "20M", "tcp/443"]
+    assert rows[2][5] == long_name[:15] + "..." + long_name[-15:]  # the middle elided
+    assert rows[3] == ["(rule", "*.of-some-service.example.test:443)"]  # on a line of its own
     assert summary.denied_anything
     assert not Summary().denied_anything
 
@@ -191,7 +193,7 @@ def test_summary_marks_audit_mode() -> None:
                      verdict="would-deny", rule=None, reason="no rule for dns denied.test")
     lines = summary.render()
     assert "1 would be denied" in lines[0]
-    assert lines[2].endswith("WOULD DENY: no rule")
+    assert lines[2].startswith("WOULD DENY ") and lines[2].endswith("denied.test  (no rule)")
     assert lines[-1].startswith("audit mode: nothing was blocked")
     assert not summary.denied_anything
 
@@ -200,7 +202,7 @@ def test_summary_pings_have_no_port() -> None:
     summary = Summary()
     summary.add_flow(domain=None, dst="192.0.2.10", proto="icmp", dport=0, verdict="allowed",
                      rule="192.0.2.10", reason="rule 192.0.2.10")
-    assert summary.render()[2].split()[:2] == ["192.0.2.10", "icmp"]
+    assert summary.render()[2].split() == ["allowed", "1", "0", "0", "icmp", "192.0.2.10"]
 
 
 @pytest.mark.parametrize(("n", "text"), [(0, "0"), (999, "999"), (1000, "1.0K"),
@@ -315,21 +317,21 @@ def test_learner_rules_sorted_and_merged(tmp_path: Path) -> None:
     learner.flow(_record(flow=Flow("icmp", "10.0.2.100", 77, "198.51.100.7", 0)))
     learner.flow(_record(flow=Flow("tcp", "10.0.2.100", 1, "198.51.100.7", 22)))  # pinged too
     learner.dns("b.example.test", "allowed")
-    learner.dns("c.example.test", "would-deny")
+    learner.dns("c.other.test", "would-deny")  # looked up only: never a rule
     learner.dns("d.example.test", "denied")
     add, bad = learner.new_rules()
     assert bad == []
-    assert [u.text for u in add] == ["b.example.test:80", "c.example.test",
-                                     "a.other.test:80", "192.0.2.9:8080", "192.0.2.10:8080",
+    assert [u.text for u in add] == ["b.example.test:80", "a.other.test:80",
+                                     "192.0.2.9:8080", "192.0.2.10:8080",
                                      "198.51.100.7", "[2001:db8::10]:443"]
-    assert add[5].comment.startswith("pinged")
+    assert add[4].comment.startswith("pinged")
     report = learner.write(0)
-    assert report == [f"learn: added 7 rules to {path}: " + ", ".join(u.text for u in add)]
+    assert report == [f"learn: added 6 rules to {path}: " + ", ".join(u.text for u in add)]
     text = path.read_text()
     assert text.startswith("*.example.test:443\n\n# added by tapbox --learn")
-    assert "c.example.test  # resolved only" in text
+    assert "#   c.other.test" in text and "d.example.test" not in text
     from tapbox.allowlist import load_file
-    assert len(load_file(str(path))) == 8
+    assert len(load_file(str(path))) == 7
 
 
 # ------------------------------------------------------------------------------------------------

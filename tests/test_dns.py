@@ -364,19 +364,21 @@ async def test_aaaa_suppressed_denied_name_still_nxdomain(nursery: trio.Nursery)
     assert resp.rcode() == dns.rcode.NXDOMAIN
 
 
-async def test_txt_and_https_pass_through(nursery: trio.Nursery) -> None:
+async def test_txt_and_https_are_refused_not_forwarded(nursery: trio.Nursery) -> None:
+    """Only A, AAAA and CNAME are served (the query type is a 16-bit channel out): other
+    types of an admitted name are REFUSED and never reach the upstream."""
     up = await start_fake_upstream(nursery)
     fwd, policy, events = make_forwarder([("127.0.0.1", up.port)])
-    resp = await ask(fwd, query("api.example.test", "TXT"))
-    assert [r.to_text() for r in resp.answer] == [ZONE_TEXT_TXT]
-    resp = await ask(fwd, query("https.example.test", "HTTPS"))
-    assert resp.answer and resp.answer[0].rdtype == dns.rdatatype.HTTPS
-    assert "192.0.2.30" in resp.answer[0].to_text()  # hint passed on unchanged
-    assert policy.learned == []  # hints are not admitted
-    assert [e.qtype for e in events] == ["TXT", "HTTPS"]
-
-
-ZONE_TEXT_TXT = 'api.example.test. 300 IN TXT "hello"'
+    for name, rdtype in (("api.example.test", "TXT"), ("https.example.test", "HTTPS"),
+                         ("api.example.test", "SRV"), ("api.example.test", "ANY")):
+        resp = await ask(fwd, query(name, rdtype))
+        assert resp.rcode() == dns.rcode.REFUSED and resp.answer == [], rdtype
+    assert up.queries == [] and policy.learned == []
+    assert [(e.qtype, e.verdict) for e in events] == [
+        ("TXT", "denied"), ("HTTPS", "denied"), ("SRV", "denied"), ("ANY", "denied")]
+    assert events[0].reason == "query type TXT is not served"
+    resp = await ask(fwd, query("alias.example.test", "CNAME"))
+    assert resp.rcode() == dns.rcode.NOERROR and resp.answer, resp
 
 
 async def test_upstream_nxdomain_passed_through(nursery: trio.Nursery) -> None:

@@ -35,7 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run(args.command, args.options)
     except TapboxError as exc:
-        text = str(exc)
+        from tapbox.textescape import escape
+
+        text = escape(exc)  # it may quote a line of a file the sandbox could have written
         print(text if text.startswith("tapbox:") else f"tapbox: {text}", file=sys.stderr)
         return exc.exit_status
 

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("--log", metavar="FILE",
                         help="write every DNS query and flow to FILE, one JSON line each, with "
                              "the process that opened each flow")
+    record.add_argument("--log-limit", metavar="SIZE",
+                        help="stop the log when FILE reaches SIZE; its last line then says so "
+                             "(default 100M)")
     record.add_argument("--audit", action="store_true",
                         help="block nothing: record what the allowlist would deny (summary at "
                              "exit)")
@@ -96,6 +99,7 @@ _FLAGS: list[tuple[str, str, str, Callable[[Any], Any]]] = [
     ("learn", "record.learn", "--learn", str),
     ("pcap", "record.pcap", "--pcap", str),
     ("pcap_limit", "record.pcap_limit", "--pcap-limit", int),
+    ("log_limit", "record.log_limit", "--log-limit", int),
     ("summary", "record.report", "--summary", lambda _: "summary"),
     ("quiet", "record.report", "-q", lambda _: "quiet"),
 ]
@@ -112,13 +116,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         command = command[1:]
     if not command:
         parser.error("no command given (usage: " + USAGE.splitlines()[0] + ")")
-    if args.pcap_limit is not None:
-        from tapbox.pcap import parse_size
+    for dest, option in (("pcap_limit", "--pcap-limit"), ("log_limit", "--log-limit")):
+        if getattr(args, dest) is not None:
+            from tapbox.pcap import parse_size
 
-        try:
-            args.pcap_limit = parse_size(args.pcap_limit)
-        except ValueError as exc:
-            parser.error(f"--pcap-limit: {exc}")
+            try:
+                setattr(args, dest, parse_size(getattr(args, dest)))
+            except ValueError as exc:
+                parser.error(f"{option}: {exc}")
     layers = []
     if args.profiles:
         from tapbox.profile import load_profile

@@ -15,15 +15,18 @@ from collections.abc import Sequence
 
 from tapbox import logcmd
 from tapbox.eventlog import LogError
+from tapbox.textescape import escape
 
 USAGE = "tapbox log show FILE [--denied] [--domain NAME] [--flows]"
+DESCRIPTION = "Read an event log written by tapbox --log (docs/audit.md)."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tapbox log", usage=USAGE,
-                                     description="Read an event log written by tapbox --log.")
+    parser = argparse.ArgumentParser(prog="tapbox log", usage=USAGE, description=DESCRIPTION)
     sub = parser.add_subparsers(dest="action", required=True, metavar="show")
-    show = sub.add_parser("show", usage=USAGE,
+    show = sub.add_parser("show", prog="tapbox log show", usage=USAGE,
+                          description="Print the log's summary table (as at exit), optionally "
+                                      "filtered.",
                           help="print the log's summary table (as at exit), optionally filtered")
     show.add_argument("file", metavar="FILE", help="a log written with --log")
     show.add_argument("--denied", action="store_true",
@@ -37,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str]) -> int:
     parser = build_parser()
+    if not argv or argv[0] not in ("show", "-h", "--help"):
+        what = f"unknown action {escape(argv[0])!r}" if argv else "no action given"
+        print(f"usage: {USAGE}\n{DESCRIPTION}\ntapbox log: {what} (the one action is "
+              "'show')", file=sys.stderr)
+        return 2
     try:
         args = parser.parse_args(list(argv))
     except SystemExit as exc:
@@ -48,7 +56,7 @@ def main(argv: Sequence[str]) -> int:
         return 1
     try:
         for line in lines:
-            print(line)
+            print(escape(line))
     except BrokenPipeError:
         pass
     return 0
