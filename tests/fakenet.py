@@ -178,11 +178,14 @@ big.example         TXT   "{filler}6"
 big.example         TXT   "{filler}7"
 big.example         TXT   "{filler}8"
 """.replace("{filler}", "x" * 100) + "".join(
-    f'huge.example        TXT   "{i:03d}{"h" * 252}"\n' for i in range(243)
-) + f'huge.example        TXT   "{"l" * 255}" "{"m" * 80}"\n'
+    f"bigv4.example       A     203.0.113.{i}\n" for i in range(100, 160)
+) + "".join(
+    f"huge.example        AAAA  2001:db8:f::{i:x}\n" for i in range(1, 2339)
+)
 """The ``test.`` zone. ``big.example.test`` TXT (~1 KB) does not fit a plain 512-byte UDP answer:
-it comes back with TC set, for testing TCP fallback. ``huge.example.test`` TXT is 65,519 bytes
-over TCP with EDNS: more than one UDP datagram can carry (65,507 bytes over IPv4).
+it comes back with TC set, for testing TCP fallback. ``bigv4.example.test`` has 60 A records
+(~1 KB). ``huge.example.test`` has 2,338 AAAA records, 65,510 bytes over TCP with EDNS: more
+than one UDP datagram on tapbox's link can carry (65,492 bytes at MTU 65520).
 ``c.wild.test`` is an empty non-terminal (NOERROR, no data). There is deliberately no DNS
 wildcard: ``*.wild.test`` is an allowlist rule."""
 

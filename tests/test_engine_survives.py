@@ -31,10 +31,10 @@ from tapbox.engine import Engine, EngineError
 from tapbox.policy import Decision, Policy
 from tapbox.runner import _engine_failure
 
-# Asks 10.0.2.3 for huge.example.test TXT over UDP with a 65535-byte EDNS buffer, then over TCP.
+# Asks 10.0.2.3 for huge.example.test AAAA over UDP with a 65535-byte EDNS buffer, then over TCP.
 DNS_PROBE = textwrap.dedent("""
     import json, socket, dns.flags, dns.message, dns.query
-    q = dns.message.make_query("huge.example.test", "TXT", use_edns=0, payload=65535)
+    q = dns.message.make_query("huge.example.test", "AAAA", use_edns=0, payload=65535)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(10)
     s.sendto(q.to_wire(), ("10.0.2.3", 53))
@@ -49,26 +49,26 @@ DNS_PROBE = textwrap.dedent("""
 
 def test_dns_answer_larger_than_a_datagram_is_truncated(run_tapbox: RunTapbox,
                                                         fakenet: FakeNet) -> None:
-    proc = run_tapbox(cmd=[sys.executable, "-c", DNS_PROBE], allow=["huge.example.test"],
-                      timeout=60)
+    proc = run_tapbox("--ipv6", "on", cmd=[sys.executable, "-c", DNS_PROBE],
+                      allow=["huge.example.test"], timeout=60)
     described = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert proc.returncode == 0, described
     assert "Traceback" not in proc.stderr, described
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    # The link (MTU 65520) takes at most 65492 bytes of UDP payload; the answer is 65,519.
+    # The link (MTU 65520) takes at most 65492 bytes of UDP payload; the answer is 65,510.
     assert result["udp_tc"] is True and result["udp_size"] <= 65492, result
-    assert result["tcp_records"] == 244 and result["tcp_tc"] is False, result
+    assert result["tcp_records"] == 2338 and result["tcp_tc"] is False, result
 
 
 def test_dns_answer_is_cut_to_a_small_mtu(run_tapbox: RunTapbox, fakenet: FakeNet) -> None:
-    probe = DNS_PROBE.replace('"huge.example.test", "TXT"', '"big.example.test", "TXT"')
+    probe = DNS_PROBE.replace('"huge.example.test", "AAAA"', '"bigv4.example.test", "A"')
     proc = run_tapbox("--mtu", "576", cmd=[sys.executable, "-c", probe],
-                      allow=["big.example.test"], timeout=60)
+                      allow=["bigv4.example.test"], timeout=60)
     described = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert proc.returncode == 0, described
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["udp_tc"] is True and result["udp_size"] <= 576 - 28, result
-    assert result["tcp_records"] == 9 and result["tcp_tc"] is False, result
+    assert result["tcp_records"] == 60 and result["tcp_tc"] is False, result
 
 
 # Opens TCP connections to an allowed server and keeps them open until tapbox runs out of file

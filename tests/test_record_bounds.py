@@ -92,8 +92,9 @@ def test_the_event_log_stops_at_its_limit_and_says_so(tmp_path: Path) -> None:
 
 
 def test_cli_log_limit() -> None:
-    assert parse_args(["--log-limit", "1M", "--", "true"]).log_limit == 1_000_000
-    assert parse_args(["--", "true"]).log_limit == 100_000_000
+    limit = parse_args(["--log-limit", "1M", "--", "true"]).options.record.log_limit
+    assert limit == 1_000_000
+    assert parse_args(["--", "true"]).options.record.log_limit == 100_000_000
     for bad in ("0", "100", "lots"):
         with pytest.raises(SystemExit):
             parse_args(["--log-limit", bad, "--", "true"])
