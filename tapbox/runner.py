@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 
 from tapbox.allowlist import Allowlist, AllowlistError, Rule, load_file, parse_rule
 from tapbox.errors import SetupError
-from tapbox.sandbox import DNS_ADDRESS, DNS_ADDRESS6, Sandbox, SandboxConfig, SignalForwarder
+from tapbox.isolate import Sandbox, SandboxConfig, SignalForwarder
+from tapbox.layout import DNS_ADDRESS, DNS_ADDRESS6
 
 if TYPE_CHECKING:
     from tapbox.audit import Audit
