@@ -6,14 +6,17 @@ How this works (`child_main`, in the forked child; it leaves only through exec o
    kills the child, with default dispositions, just before exec), sets PR_SET_PDEATHSIG=SIGKILL;
 2. enters the namespaces (tapbox.isolate.namespaces): user with id maps, then net + mount;
 3. opens tap0 and configures the links (tapbox.isolate.tap), then executes the filesystem plan
-   (tapbox.isolate.plan / mounts: fresh sysfs, private resolv.conf);
+   (tapbox.isolate.plan / mounts: fresh sysfs, private resolv.conf), and builds the seccomp
+   filter (tapbox.isolate.seccomp: a missing libseccomp is a set-up failure like any other);
 4. sends b"R" and the TAP fd (SCM_RIGHTS) over a SOCK_SEQPACKET socketpair, closes its copy, and
    blocks until the parent sends b"G" (`Sandbox.start()`). EOF instead (tapbox died or gave up)
    means _exit(125) without exec: fail closed, CMD never runs without the firewall;
 5. restores signal dispositions (caught -> default; SIGPIPE/SIGXFSZ, which Python ignores, ->
    default; an ignore inherited from tapbox's own parent, e.g. nohup, is kept, as subprocess does)
-   and an empty signal mask, then execvp(argv). On failure: "tapbox: CMD: strerror" and exit 127
-   (not found) or 126 (anything else), as env(1).
+   and an empty signal mask; sets no_new_privs and loads the seccomp filter, the very last step
+   (if the kernel refuses it: one line and exit 125, CMD never runs unfiltered); then
+   execvp(argv). On failure: "tapbox: CMD: strerror" and exit 127 (not found) or 126 (anything
+   else), as env(1).
 
 A failure before exec is sent to the parent as b"E" + one line, which spawn() raises as SetupError.
 All fds are O_CLOEXEC, so neither the TAP fd nor the control socket reach CMD.
@@ -31,15 +34,18 @@ import errno
 import os
 import signal
 import socket
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from tapbox.errors import EXIT_CANNOT_INVOKE, EXIT_NOT_FOUND, EXIT_TAPBOX_FAILED, SetupError
 from tapbox.isolate import mounts
 from tapbox.isolate.config import SandboxConfig
 from tapbox.isolate.diagnose import Host
-from tapbox.isolate.libc import PR_SET_PDEATHSIG, Libc
+from tapbox.isolate.libc import PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, Libc
 from tapbox.isolate.namespaces import enter_namespaces
 from tapbox.isolate.plan import Plan
+
+if TYPE_CHECKING:
+    from tapbox.isolate import seccomp
 from tapbox.isolate.tap import configure_links, open_tap
 
 # Control messages on the socketpair.
@@ -64,6 +70,9 @@ def child_main(
         if os.getppid() != parent_pid:  # tapbox died before prctl took effect
             os._exit(EXIT_TAPBOX_FAILED)
         tap_fd = _set_up(libc, config, plan, uid, gid)
+        from tapbox.isolate import seccomp  # here: the parent does not pay for its import
+
+        syscall_filter = seccomp.compile_filter(config.syscalls or seccomp.DEFAULT_POLICY)
         if tap_fd is None:
             sock.send(MSG_READY)
         else:
@@ -73,6 +82,7 @@ def child_main(
             os._exit(EXIT_TAPBOX_FAILED)
         sock.close()
         _restore_signals(libc)
+        _lock_down(libc, syscall_filter)
         _exec(config.argv)
     except SetupError as e:
         _report(sock, str(e))
@@ -94,6 +104,18 @@ def _set_up(libc: Libc, config: SandboxConfig, plan: Plan, uid: int, gid: int) -
             os.close(tap_fd)
         raise
     return tap_fd
+
+
+def _lock_down(libc: Libc, syscall_filter: seccomp.Filter) -> None:
+    """no_new_privs, then the seccomp filter: the last steps before exec."""
+    err = libc.prctl(PR_SET_NO_NEW_PRIVS, 1) or syscall_filter.load()
+    if err:
+        with contextlib.suppress(OSError):
+            os.write(2, os.fsencode(
+                f"tapbox: cannot install the sandbox's seccomp filter: {os.strerror(err)}: "
+                "the kernel needs CONFIG_SECCOMP_FILTER (and no seccomp profile above tapbox "
+                "that forbids it)\n"))
+        os._exit(EXIT_TAPBOX_FAILED)
 
 
 def _report(sock: socket.socket, message: str) -> None:

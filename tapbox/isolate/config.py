@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tapbox.layout import DEFAULT_MTU, DNS_ADDRESS
+
+if TYPE_CHECKING:  # the filter is built in the child: the parent need not import seccomp
+    from tapbox.isolate.seccomp import Policy
 
 
 @dataclass
@@ -18,3 +22,4 @@ class SandboxConfig:
     resolv_conf: str = f"nameserver {DNS_ADDRESS}\n"
     ipv6: bool = False  # also fd00::100/64 on tap0, default route via fd00::2
     vnet_hdr: bool = True  # IFF_VNET_HDR with checksum offload (the engine must expect it)
+    syscalls: Policy | None = None  # CMD's seccomp filter; None: isolate.seccomp.DEFAULT_POLICY

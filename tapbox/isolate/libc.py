@@ -29,6 +29,7 @@ MNT_DETACH = 0x2
 
 # <linux/prctl.h>
 PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
 
 # open_tree(2) / move_mount(2)
 SYS_OPEN_TREE = 428
