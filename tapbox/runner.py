@@ -8,7 +8,9 @@ leaves a command running without its firewall.
 Recording (docs/audit.md) is set up in the same spirit: the --log and --pcap files are opened,
 and a --learn file is read, before the sandbox exists, so a bad path stops tapbox with 125
 before CMD runs. At the end, whatever way CMD ended (exit, signal), the log gets its exit event,
-the capture is flushed, the summary is printed and the learned allowlist is written.
+the capture is flushed, the summary is printed and the learned allowlist is written. Inside the
+sandbox all three paths are read-only (tapbox.isolate.plan); a --learn file that does not exist
+yet is held by an empty placeholder for the run, removed again if nothing was learned.
 """
 
 from __future__ import annotations
@@ -94,12 +96,27 @@ class Recording:
     pcap: PcapWriter | None = None
     learner: Learner | None = None
     sources: list[str] = field(default_factory=list)
+    placeholder: tuple[str, int, int] | None = None  # (path, dev, ino) of an empty --learn file
+
+    def paths(self, args: argparse.Namespace) -> tuple[str, ...]:
+        """The files this run records to: the sandbox may not write them."""
+        names = (getattr(args, "log", None), getattr(args, "pcap", None),
+                 getattr(args, "learn", None))
+        return tuple(name for name in names if name)
 
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
         if self.pcap is not None:
             self.pcap.close()
+        if self.placeholder is not None:  # nothing was learned: leave no empty allowlist
+            path, dev, ino = self.placeholder
+            try:
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino, st.st_size) == (dev, ino, 0):
+                    os.unlink(path)
+            except OSError:
+                pass
 
 
 def _open_recording(args: argparse.Namespace) -> Recording:
@@ -111,6 +128,8 @@ def _open_recording(args: argparse.Namespace) -> Recording:
             recording.learner = Learner(args.learn, args.command)
             if recording.learner.exists:
                 recording.sources.append(args.learn)
+            else:
+                recording.placeholder = _hold(args.learn)
         if getattr(args, "log", None):
             from tapbox.eventlog import EventLog, LogError
 
@@ -132,6 +151,21 @@ def _open_recording(args: argparse.Namespace) -> Recording:
         recording.close()
         raise
     return recording
+
+
+def _hold(path: str) -> tuple[str, int, int]:
+    """Create an empty file at a --learn path that does not exist yet, so the sandbox finds a
+    read-only file there rather than a name it could create (the learned file replaces it)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+    except OSError as exc:
+        raise SetupError(f"--learn {path}: cannot create: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return path, st.st_dev, st.st_ino
 
 
 def _audit_mode(args: argparse.Namespace) -> bool:
@@ -170,12 +204,17 @@ def _run_sandbox(args: argparse.Namespace, network: bool, rules: list[Rule] | No
             (f"nameserver {DNS_ADDRESS6}\n" if args.ipv6_enabled else "")
         sandbox = Sandbox.spawn(SandboxConfig(argv=args.command, network=network,
                                               mtu=args.mtu, root=args.root,
-                                              ipv6=args.ipv6_enabled, resolv_conf=resolv),
+                                              ipv6=args.ipv6_enabled, resolv_conf=resolv,
+                                              read_only_files=recording.paths(args)
+                                              if recording else ()),
                                 meanwhile=_import_engine if network else None)
     except BaseException:
         forwarder.restore()
         raise
     forwarder.start(sandbox.pid)
+    if args.verbose and sandbox.plan is not None:
+        for line in sandbox.plan.describe():
+            print(f"tapbox: sandbox: {line}", file=sys.stderr)
     _raise_fd_limit()  # after the fork: the command keeps the limits it was given
     try:
         if not network:

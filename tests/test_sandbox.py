@@ -388,8 +388,15 @@ def test_child_never_execs_if_tapbox_dies_before_start(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def test_command_dies_with_tapbox(tmp_path: Path) -> None:
-    """PR_SET_PDEATHSIG survives exec: a sandbox whose engine died is killed, not left netless."""
+    """PR_SET_PDEATHSIG on pid 1: a sandbox whose engine died is killed, not left netless."""
     script = _script(tmp_path, "parent.py", PARENT_DIES)
     proc = subprocess.Popen(
         [PY, str(script), json.dumps(["sleep", "60"]), "start"],
@@ -399,12 +406,14 @@ def test_command_dies_with_tapbox(tmp_path: Path) -> None:
         text=True,
     )
     assert proc.stdout is not None and proc.stdin is not None
-    child = int(proc.stdout.readline())
-    wait_for(lambda: _comm(child) == "sleep", what="exec of sleep")
+    init = int(proc.stdout.readline())
+    wait_for(lambda: [_comm(c) for c in _children(init)] == ["sleep"], what="exec of sleep")
+    (command,) = _children(init)
     proc.stdin.write("die\n")
     proc.stdin.flush()
     assert proc.wait(timeout=10) == 0
-    wait_for(lambda: not _alive(child), what="the sandboxed command to be killed")
+    wait_for(lambda: not _alive(init), what="the sandbox's pid 1 to be killed")
+    wait_for(lambda: not _alive(command), what="the sandboxed command to be killed")
 
 
 def _state(pid: int) -> str:
@@ -498,7 +507,8 @@ def test_userns_diagnosis_names_the_sysctl() -> None:
     msg = fail("user", errno.EPERM, host({}))
     assert "seccomp" in msg and "container" in msg
 
-    msg = fail("network and mount", errno.ENOSPC, host({"/proc/sys/user/max_net_namespaces": "0"}))
+    msg = fail(diagnose.OTHER_NAMESPACES, errno.ENOSPC,
+               host({"/proc/sys/user/max_net_namespaces": "0"}))
     assert "user.max_net_namespaces = 0" in msg
     for m in (msg, fail("user", errno.EINVAL, host({}))):
         assert m.startswith("tapbox: ") and "\n" not in m
@@ -529,7 +539,11 @@ def _in_outer_userns(limit: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize(
     ("limit", "what"),
-    [("max_user_namespaces", "user namespace"), ("max_net_namespaces", "network and mount")],
+    [("max_user_namespaces", "user namespace"),
+     ("max_net_namespaces", "network, mount, PID, IPC and UTS namespaces"),
+     ("max_pid_namespaces", "network, mount, PID, IPC and UTS namespaces"),
+     ("max_ipc_namespaces", "network, mount, PID, IPC and UTS namespaces"),
+     ("max_uts_namespaces", "network, mount, PID, IPC and UTS namespaces")],
 )
 def test_namespace_limit_diagnosed_for_real(limit: str, what: str) -> None:
     proc = _in_outer_userns(limit)

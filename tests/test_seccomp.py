@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -117,3 +118,57 @@ def test_a_custom_policy_is_enforced(tmp_path: Path) -> None:
     with os.fdopen(r) as f:
         assert f.read().strip() == str(errno.EACCES)
     assert not (tmp_path / "d").exists()
+
+
+def _in_child(body: str) -> str:
+    """Run `body` (Python) in a fresh interpreter; its stdout."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(body)], capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_clone_parent_falls_back_to_clone_where_clone3_is_enosys() -> None:
+    """Container runtimes' seccomp profiles answer ENOSYS to clone3: the old clone is used,
+    and the new process is still the caller's parent's child (CLONE_PARENT)."""
+    out = _in_child("""
+        import errno, os
+        from tapbox.isolate import seccomp as sc
+        from tapbox.isolate.libc import Libc
+        r, w = os.pipe()
+        middle = os.fork()
+        if middle == 0:
+            flt = sc.compile_filter(sc.Policy(sc.Allow(), (
+                sc.Rule("clone3", sc.Errno(errno.ENOSYS)),)))
+            assert flt.load() == 0
+            libc = Libc()
+            nr = sc.Libseccomp().syscall_number("clone")
+            assert libc.clone_parent() == -errno.ENOSYS  # without a fallback: the error
+            pid = libc.clone_parent(lambda: nr)
+            if pid == 0:
+                os._exit(42)
+            os.write(w, str(pid).encode())
+            os._exit(0)
+        os.close(w)
+        assert os.waitpid(middle, 0)[1] == 0
+        grandchild = int(os.read(r, 64))
+        _, status = os.waitpid(grandchild, 0)  # ours to reap: CLONE_PARENT
+        print(os.waitstatus_to_exitcode(status))
+    """)
+    assert out.strip() == "42"
+
+
+def test_tapbox_runs_where_clone3_is_enosys(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _in_child(f"""
+        import errno, os, sys
+        from tapbox.isolate import seccomp as sc
+        flt = sc.compile_filter(sc.Policy(sc.Allow(), (
+            sc.Rule("clone3", sc.Errno(errno.ENOSYS)),)))
+        assert flt.load() == 0
+        from tapbox.isolate import Sandbox, SandboxConfig
+        sb = Sandbox.spawn(SandboxConfig(["sh", "-c", "echo $$ > {out}"], network=False))
+        sb.start()
+        assert sb.wait_status() == 0
+    """)
+    assert out.read_text() == "2\n"  # the command is pid 2: pid 1 was made with clone(2)

@@ -19,8 +19,12 @@ USERNS_CLONE = "/proc/sys/kernel/unprivileged_userns_clone"
 MAX_USERNS = "/proc/sys/user/max_user_namespaces"
 MAX_NETNS = "/proc/sys/user/max_net_namespaces"
 MAX_MNTNS = "/proc/sys/user/max_mnt_namespaces"
+MAX_PIDNS = "/proc/sys/user/max_pid_namespaces"
+MAX_IPCNS = "/proc/sys/user/max_ipc_namespaces"
+MAX_UTSNS = "/proc/sys/user/max_uts_namespaces"
 APPARMOR_USERNS = "/proc/sys/kernel/apparmor_restrict_unprivileged_userns"
-SYSCTLS = (USERNS_CLONE, MAX_USERNS, MAX_NETNS, MAX_MNTNS, APPARMOR_USERNS)
+SYSCTLS = (USERNS_CLONE, MAX_USERNS, MAX_NETNS, MAX_MNTNS, MAX_PIDNS, MAX_IPCNS, MAX_UTSNS,
+           APPARMOR_USERNS)
 
 
 @dataclass(frozen=True)
@@ -60,11 +64,15 @@ def apparmor_hint(host: Host) -> str | None:
     return None
 
 
+OTHER_NAMESPACES = "network, mount, PID, IPC and UTS"
+
+
 def unshare_failure(what: str, err: int, host: Host) -> str:
-    """Message for a failed unshare() of the user (what="user") or the net+mount namespaces."""
+    """Message for a failed unshare() of the user namespace (what="user") or of the others."""
     noun = "namespace" if what == "user" else "namespaces"
     head = f"tapbox: cannot create the sandbox's {what} {noun}"
-    limits = [MAX_USERNS] if what == "user" else [MAX_NETNS, MAX_MNTNS]
+    limits = [MAX_USERNS] if what == "user" else [MAX_NETNS, MAX_MNTNS, MAX_PIDNS, MAX_IPCNS,
+                                                    MAX_UTSNS]
     if what == "user" and host.unprivileged and host.sysctl(USERNS_CLONE) == "0":
         name = sysctl_name(USERNS_CLONE)
         return (

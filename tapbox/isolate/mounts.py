@@ -17,14 +17,20 @@ from tapbox.isolate.libc import (
     AT_RECURSIVE,
     MNT_DETACH,
     MS_BIND,
+    MS_NOATIME,
     MS_NODEV,
+    MS_NODIRATIME,
     MS_NOEXEC,
     MS_NOSUID,
     MS_RDONLY,
+    MS_REC,
+    MS_RELATIME,
+    MS_REMOUNT,
+    MS_STRICTATIME,
     OPEN_TREE_CLONE,
     Libc,
 )
-from tapbox.isolate.plan import BindFile, FreshSysfs, Plan
+from tapbox.isolate.plan import BindFile, FreshProc, FreshSysfs, Pin, Plan, ReadOnlyFile
 
 
 def apply(plan: Plan, libc: Libc, host: Host) -> None:
@@ -33,8 +39,63 @@ def apply(plan: Plan, libc: Libc, host: Host) -> None:
             fresh_sysfs(libc, op.path)
         elif isinstance(op, BindFile):
             bind_file(libc, op, host)
+        elif isinstance(op, FreshProc):
+            fresh_proc(libc, op, host)
+        elif isinstance(op, ReadOnlyFile):
+            read_only_file(libc, op, host)
+        elif isinstance(op, Pin):
+            pin(libc, op, host)
         else:  # pragma: no cover - a new Op without an executor
             raise SetupError(f"tapbox: internal error: no executor for {op!r}")
+
+
+def fresh_proc(libc: Libc, op: FreshProc, host: Host) -> None:
+    err = libc.mount("proc", op.path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    if err:
+        raise SetupError(eperm_failure(
+            f"mounting a fresh {op.path} for the sandbox's PID namespace: {os.strerror(err)} "
+            f"(the kernel allows it only where {op.path} is fully visible: inside a container, "
+            "run it with an unmasked /proc)", host))
+
+
+def read_only_file(libc: Libc, op: ReadOnlyFile, host: Host) -> None:
+    try:
+        st = os.stat(op.path)
+    except OSError as e:
+        st = None
+        reason = e.strerror
+    if st is None or (st.st_dev, st.st_ino) != (op.dev, op.ino):
+        why = reason if st is None else "it was replaced"
+        raise SetupError(
+            f"tapbox: {op.path} changed after tapbox opened it ({why}): run tapbox again")
+    err = libc.mount(op.path, op.path, None, MS_BIND) or libc.mount(
+        None, op.path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | _locked_flags(op.path))
+    if err:
+        raise SetupError(eperm_failure(
+            f"making {op.path} read-only in the sandbox: {os.strerror(err)}", host))
+
+
+def pin(libc: Libc, op: Pin, host: Host) -> None:
+    err = libc.mount(op.path, op.path, None, MS_BIND | MS_REC)
+    if err:
+        raise SetupError(eperm_failure(
+            f"binding {op.path} over itself (so the sandbox cannot rename it): "
+            f"{os.strerror(err)}", host))
+
+
+def _locked_flags(path: str) -> int:
+    """The flags a read-only remount must keep (in a user namespace the kernel refuses to clear
+    nosuid, nodev, noexec or change the atime mode of a mount it inherited)."""
+    f = os.statvfs(path).f_flag
+    flags = 0
+    for st_bit, ms_bit in ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV),
+                           (os.ST_NOEXEC, MS_NOEXEC), (os.ST_NOATIME, MS_NOATIME),
+                           (os.ST_NODIRATIME, MS_NODIRATIME), (os.ST_RELATIME, MS_RELATIME)):
+        if f & st_bit:
+            flags |= ms_bit
+    if not f & (os.ST_NOATIME | os.ST_RELATIME):
+        flags |= MS_STRICTATIME
+    return flags
 
 
 def bind_file(libc: Libc, op: BindFile, host: Host) -> None:

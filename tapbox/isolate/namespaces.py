@@ -1,25 +1,42 @@
-"""Entering the sandbox's namespaces: user first (with its id maps), then the others.
+"""Entering the sandbox's namespaces: user first (with its id maps), then all the others.
 
 How this works: an unprivileged process may create a user namespace and, inside it, holds every
 capability over namespaces that the new user namespace owns. So the child unshares CLONE_NEWUSER
 alone, writes "deny" to setgroups and one-line uid/gid maps (the caller's uid -> the same number,
-or -> 0 with --root), and only then unshares the network and mount namespaces, which the new
-user namespace then owns. Finally every mount is made private, so nothing the sandbox mounts
-propagates back to the host (and nothing the host mounts later appears inside).
-Two unshare calls instead of one tell the user which namespace the kernel refused.
+or -> 0 with --root), and only then unshares the network, mount, PID, IPC and UTS namespaces,
+which the new user namespace then owns. The UTS namespace gets the hostname `tapbox`. Every mount
+is made private, so nothing the sandbox mounts propagates back to the host (and nothing the host
+mounts later appears inside). Two unshare calls instead of one tell the user which the kernel
+refused.
+
+A new PID namespace applies to the caller's children only: the process tapbox forked stays
+outside, and the next process it creates is pid 1 inside (tapbox.isolate.child).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 
 from tapbox.errors import SetupError
-from tapbox.isolate.diagnose import Host, eperm_failure, unshare_failure
-from tapbox.isolate.libc import CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWUSER, MS_PRIVATE, MS_REC, Libc
+from tapbox.isolate.diagnose import OTHER_NAMESPACES, Host, eperm_failure, unshare_failure
+from tapbox.isolate.libc import (
+    CLONE_NEWIPC,
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    CLONE_NEWUSER,
+    CLONE_NEWUTS,
+    MS_PRIVATE,
+    MS_REC,
+    Libc,
+)
+
+HOSTNAME = "tapbox"
 
 
 def enter_namespaces(libc: Libc, host: Host, uid: int, gid: int, root: bool) -> None:
-    """User namespace with id maps, then net + mount namespaces with private mounts."""
+    """User namespace with id maps, then the others; hostname; private mounts."""
     err = libc.unshare(CLONE_NEWUSER)
     if err:
         raise SetupError(unshare_failure("user", err, host))
@@ -32,9 +49,15 @@ def enter_namespaces(libc: Libc, host: Host, uid: int, gid: int, root: bool) -> 
         raise SetupError(
             eperm_failure(f"writing the user namespace's id maps: {e.strerror}", host)
         ) from e
-    err = libc.unshare(CLONE_NEWNET | CLONE_NEWNS)
+    err = libc.unshare(CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS)
     if err:
-        raise SetupError(unshare_failure("network and mount", err, host))
+        raise SetupError(unshare_failure(OTHER_NAMESPACES, err, host))
+    try:
+        socket.sethostname(HOSTNAME)
+    except OSError as e:
+        raise SetupError(
+            eperm_failure(f"setting the sandbox's hostname: {e.strerror}", host)
+        ) from None
     err = libc.mount(None, "/", None, MS_REC | MS_PRIVATE)
     if err:
         raise SetupError(eperm_failure(f"making mounts private: {os.strerror(err)}", host))

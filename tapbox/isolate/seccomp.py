@@ -5,9 +5,12 @@ How this works
 A policy is data: a default `Action` and a tuple of `Rule`s (a syscall by name, an action, and
 argument comparisons). `compile_filter()` turns it into a libseccomp filter context: syscall
 names are resolved by libseccomp for every architecture in the filter (never a table of numbers
-here), and libseccomp emits the BPF. The context is built in the sandbox child during set-up,
-where a failure is one line and exit 125, and loaded (`Filter.load()`) as the very last step
-before exec, after no_new_privs, so nothing of tapbox's own set-up runs under it.
+here), and libseccomp emits the BPF. Pid 1 of the sandbox builds and loads it (`Filter.load()`)
+as the last step of its set-up, after no_new_privs, so nothing of tapbox's own set-up runs under
+it, and a failure is one line and exit 125 before the command exists. The command inherits it
+across fork and exec, and so does everything it starts; pid 1 is under it too, so a command that
+may ptrace pid 1 (uid 0 inside) gains nothing by it. (A future policy that forbids what pid 1
+itself needs - fork, wait, kill - would be loaded in the command's process instead, before exec.)
 
 Architectures: a filter only checks the architectures it was built for, and kills a process
 that makes a system call through another ABI (libseccomp's default "bad arch" action). So the

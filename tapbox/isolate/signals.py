@@ -3,9 +3,11 @@
 How this works
 --------------
 CMD inherits stdin/stdout/stderr, the session and the controlling terminal, and starts in tapbox's
-process group. Signals typed at the terminal (Ctrl-C, Ctrl-\\, window resize) therefore reach CMD
-directly from the tty. An interactive shell in the sandbox moves itself to its own process group
-and takes the terminal (job control works as usual); tapbox then sits in a background group.
+process group, as does pid 1 of the sandbox, its parent (tapbox.isolate.reaper). tapbox forwards
+to pid 1, which forwards to CMD by the same rule (`should_forward`). Signals typed at the
+terminal (Ctrl-C, Ctrl-\\, window resize) therefore reach CMD directly from the tty. An
+interactive shell in the sandbox moves itself to its own process group and takes the terminal
+(job control works as usual); tapbox then sits in a background group.
 
 `SignalForwarder` blocks the forwarded signals (and SIGTTOU, see below) with pthread_sigmask; it
 must be created in the main thread before any thread starts, so every thread inherits the mask

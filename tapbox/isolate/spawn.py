@@ -1,12 +1,16 @@
-"""The parent's side of a sandbox: fork the child, get its TAP fd, let it exec, wait for it.
+"""The parent's side of a sandbox: fork, get pid 1 and the TAP fd, let it start, wait for it.
 
 How this works: `Sandbox.spawn()` writes the private resolv.conf, builds the filesystem plan
-(tapbox.isolate.plan) and forks once, before trio or any thread starts; the child
-(tapbox.isolate.child) sets itself up and answers on a SOCK_SEQPACKET socketpair: b"R" with the
-TAP fd (SCM_RIGHTS), or b"E" and one line, raised here as SetupError. The child then waits for
-`start()` (b"G") to exec the command; closing the socket instead makes it exit 125 without exec.
-The child is tracked through a pidfd (no pid reuse) and waited for either blocking
-(`wait_status()`) or from trio (`await wait()`, the pidfd becomes readable at exit).
+(tapbox.isolate.plan) and forks once, before trio or any thread starts. The child
+(tapbox.isolate.child) enters the namespaces and creates pid 1 of the sandbox as tapbox's own
+child (clone with CLONE_PARENT); it sends pid 1's pid (b"P") and exits, and spawn() reaps it and
+from then on the sandbox *is* pid 1. Pid 1 sets itself up and answers on the SOCK_SEQPACKET
+socketpair: b"R" with the TAP fd (SCM_RIGHTS), or b"E" and one line, raised here as SetupError.
+It then waits for `start()` (b"G") to start the command; closing the socket instead makes it exit
+125 without running anything. Pid 1 is tracked through a pidfd (no pid reuse) and waited for
+either blocking (`wait_status()`) or from trio (`await wait()`, the pidfd becomes readable at
+exit); its exit status is the command's (tapbox.isolate.reaper), and by the time it can be
+reaped every other process of the sandbox is gone.
 
 Suggested use (cli)::
 
@@ -27,10 +31,11 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
+from typing import NoReturn
 
 from tapbox.errors import SetupError
 from tapbox.isolate import plan as plan_mod
-from tapbox.isolate.child import MSG_ERROR, MSG_GO, MSG_READY, child_main
+from tapbox.isolate.child import MSG_ERROR, MSG_GO, MSG_PID, MSG_READY, PID_FORMAT, child_main
 from tapbox.isolate.config import SandboxConfig
 
 # How long spawn() waits for the child to report set-up done (pyroute2's import alone is ~0.2 s).
@@ -38,13 +43,18 @@ SETUP_TIMEOUT = 60.0
 
 
 class Sandbox:
-    """A forked, fully set-up sandbox child waiting for `start()` to exec its command."""
+    """A fully set-up sandbox (pid 1 of its namespaces) waiting for `start()` to run its command.
+
+    `pid` is pid 1's pid as tapbox sees it (during spawn(), first the set-up child's).
+    """
 
     pid: int
     tap_fd: int | None
+    plan: plan_mod.Plan | None = None  # the filesystem set-up pid 1 executed
 
     def __init__(self, pid: int, sock: socket.socket, pidfd: int | None) -> None:
         self.pid = pid
+        self._setup_pid: int | None = pid  # the child tapbox forked, until pid 1 is known
         self.tap_fd = None
         self._sock: socket.socket | None = sock
         self._pidfd = pidfd
@@ -87,6 +97,7 @@ class Sandbox:
             except OSError:  # kernel < 5.3
                 pidfd = None
             sandbox = cls(pid, parent_sock, pidfd)
+            sandbox.plan = plan
             try:
                 if meanwhile is not None:
                     meanwhile()
@@ -105,32 +116,70 @@ class Sandbox:
                     os.unlink(resolv_path)
 
     def _receive_ready(self, network: bool) -> int | None:
+        """Wait for pid 1's pid (b"P") and its readiness (b"R", with the TAP fd)."""
+        assert self._sock is not None
+        tap_fds: list[int] | None = None
+        while tap_fds is None or self._setup_pid is not None:
+            msg, fds = self._receive()
+            if msg.startswith(MSG_PID) and len(msg) == 1 + PID_FORMAT.size and not fds:
+                self._adopt(PID_FORMAT.unpack_from(msg, 1)[0])
+            elif msg.startswith(MSG_READY) and tap_fds is None:
+                tap_fds = fds
+            else:
+                for fd in fds:
+                    os.close(fd)
+                self._fail(msg)
+        self._sock.settimeout(None)
+        if not network:
+            for fd in tap_fds:
+                os.close(fd)
+            return None
+        if len(tap_fds) != 1:
+            for fd in tap_fds:
+                os.close(fd)
+            raise SetupError("tapbox: internal error: the TAP fd did not arrive from the sandbox")
+        os.set_blocking(tap_fds[0], False)
+        return tap_fds[0]
+
+    def _receive(self) -> tuple[bytes, list[int]]:
         assert self._sock is not None
         self._sock.settimeout(SETUP_TIMEOUT)
         try:
-            msg, fds = _recv_with_fds(self._sock)
+            return _recv_with_fds(self._sock)
         except TimeoutError:
             raise SetupError(
                 f"tapbox: the sandbox process did not finish set-up within {SETUP_TIMEOUT:.0f} s: "
                 "is the machine overloaded?"
             ) from None
-        self._sock.settimeout(None)
-        if msg.startswith(MSG_READY):
-            if not network:
-                for fd in fds:
-                    os.close(fd)
-                return None
-            if len(fds) != 1:
-                for fd in fds:
-                    os.close(fd)
-                raise SetupError(
-                    "tapbox: internal error: the TAP fd did not arrive from the sandbox"
-                )
-            os.set_blocking(fds[0], False)
-            return fds[0]
-        for fd in fds:
-            os.close(fd)
+
+    def _adopt(self, init_pid: int) -> None:
+        """The set-up child reported pid 1 and exits: reap it; the sandbox is pid 1 from now."""
+        assert self._setup_pid is not None
+        os.waitpid(self._setup_pid, 0)
+        self._setup_pid = None
+        self._close_pidfd()
+        self.pid = init_pid
+        try:  # our unreaped child (CLONE_PARENT): its pid cannot be reused before we wait
+            self._pidfd = os.pidfd_open(init_pid)
+        except OSError:  # kernel < 5.3
+            self._pidfd = None
+
+    def _adopt_late(self) -> None:
+        """Pid 1 failed so fast that its error came before its pid: take the pid (EOF instead
+        if the set-up child itself failed), so that pid 1 is reaped, not left a zombie."""
+        assert self._sock is not None
+        with contextlib.suppress(OSError):
+            self._sock.settimeout(5.0)
+            msg, fds = _recv_with_fds(self._sock)
+            for fd in fds:
+                os.close(fd)
+            if msg.startswith(MSG_PID) and len(msg) == 1 + PID_FORMAT.size:
+                self._adopt(PID_FORMAT.unpack_from(msg, 1)[0])
+
+    def _fail(self, msg: bytes) -> NoReturn:
         if msg.startswith(MSG_ERROR):
+            if self._setup_pid is not None:
+                self._adopt_late()
             raise SetupError(msg[1:].decode("utf-8", "replace").strip())
         code = self.wait_status()
         if code > 128:
