@@ -189,3 +189,11 @@ def test_verbose_prints_the_sandbox_plan(run_tapbox: RunTapbox, fakenet: FakeNet
     assert plan[2] == "proc /proc (the sandbox's PID namespace)"
     assert plan[3] == f"read-only {log}"
     assert f"pin {tmp_path} (cannot be renamed or removed)" in plan
+
+
+def test_the_command_knows_it_is_sandboxed(run_tapbox: RunTapbox, fakenet: FakeNet) -> None:
+    for args in ((), ("-n",)):
+        proc = run_tapbox(*args, cmd=["sh", "-c", 'echo "TAPBOX=${TAPBOX-unset}"'],
+                          env={"TAPBOX": "outer value"}, timeout=SHORT)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == "TAPBOX=1", (args, proc.stdout)

@@ -23,8 +23,9 @@ the command before it runs, as it would have stopped it a moment later.
 
 The command's side of the fork: default dispositions for every caught signal and for SIGPIPE and
 SIGXFSZ (which Python ignores), an inherited ignore kept (as subprocess does), an empty mask, then
-execvp(argv). On failure: "tapbox: CMD: strerror" and exit 127 (not found) or 126 (anything
-else), as env(1). no_new_privs and the seccomp filter were set on pid 1 already and carry over.
+execvp(argv) with TAPBOX=1 added to the environment. On failure: "tapbox: CMD: strerror" and
+exit 127 (not found) or 126 (anything else), as env(1). no_new_privs and the seccomp filter were
+set on pid 1 already and carry over.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from tapbox.isolate.libc import Libc
 from tapbox.isolate.signals import FORWARDED_SIGNALS, should_forward
 
 WAITED = FORWARDED_SIGNALS | {signal.SIGCHLD}
+# Set in the command's environment, so that a shell prompt or a script can tell it is sandboxed.
+SANDBOX_ENVIRONMENT = {"TAPBOX": "1"}
 
 
 def run(argv: list[str], libc: Libc) -> NoReturn:
@@ -99,7 +102,7 @@ def _send(command: int, signo: int) -> None:
 
 def _exec(argv: list[str]) -> NoReturn:
     try:
-        os.execvp(argv[0], argv)
+        os.execvpe(argv[0], argv, {**os.environ, **SANDBOX_ENVIRONMENT})
     except OSError as e:
         code = EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_CANNOT_INVOKE
         reason = e.strerror or str(e)
