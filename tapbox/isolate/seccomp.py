@@ -37,7 +37,7 @@ import ctypes
 import enum
 import errno
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from tapbox.errors import SetupError
 
@@ -66,8 +66,14 @@ COMPAT_ARCHES: dict[str, tuple[str, ...]] = {
 # ----- the policy, as data ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Allow:
+# Actions, rules and policies are small immutable tuples (NamedTuple: this module is imported on
+# every start, and a dataclass costs ~10 times more to define). Each action carries its kind, so
+# that two actions compare equal only when they are the same action.
+
+
+class Allow(NamedTuple):
+    kind: str = "allow"
+
     def value(self) -> int:
         return _ACT_ALLOW
 
@@ -75,9 +81,9 @@ class Allow:
         return "allow"
 
 
-@dataclass(frozen=True)
-class Errno:
+class Errno(NamedTuple):
     errno: int
+    kind: str = "errno"
 
     def value(self) -> int:
         return _ACT_ERRNO | (self.errno & 0xFFFF)
@@ -86,8 +92,9 @@ class Errno:
         return f"fail with {errno.errorcode.get(self.errno, str(self.errno))}"
 
 
-@dataclass(frozen=True)
-class KillProcess:
+class KillProcess(NamedTuple):
+    kind: str = "kill-process"
+
     def value(self) -> int:
         return _ACT_KILL_PROCESS
 
@@ -95,9 +102,10 @@ class KillProcess:
         return "kill the process"
 
 
-@dataclass(frozen=True)
-class Log:
+class Log(NamedTuple):
     """Allow, and have the kernel log the call (audit)."""
+
+    kind: str = "log"
 
     def value(self) -> int:
         return _ACT_LOG
@@ -124,8 +132,7 @@ class Cmp(enum.IntEnum):
 _CMP_TEXT = {Cmp.NE: "!=", Cmp.LT: "<", Cmp.LE: "<=", Cmp.EQ: "==", Cmp.GE: ">=", Cmp.GT: ">"}
 
 
-@dataclass(frozen=True)
-class ArgCmp:
+class ArgCmp(NamedTuple):
     """A test on argument `arg` (0-5) of the system call."""
 
     arg: int
@@ -143,8 +150,7 @@ class ArgCmp:
         return f"arg{self.arg} {_CMP_TEXT[self.op]} {self.value:#x}"
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(NamedTuple):
     syscall: str
     action: Action
     args: tuple[ArgCmp, ...] = ()
@@ -157,8 +163,7 @@ class Rule:
         return f"{self.syscall}{where}: {self.action.describe()}{why}"
 
 
-@dataclass(frozen=True)
-class Policy:
+class Policy(NamedTuple):
     default: Action
     rules: tuple[Rule, ...]
 
