@@ -36,7 +36,7 @@ import os
 import signal
 from typing import NoReturn
 
-from tapbox.errors import EXIT_CANNOT_INVOKE, EXIT_NOT_FOUND
+from tapbox.errors import EXIT_CANNOT_INVOKE, EXIT_NOT_FOUND, EXIT_TAPBOX_FAILED
 from tapbox.isolate.libc import Libc
 from tapbox.isolate.signals import FORWARDED_SIGNALS, should_forward
 
@@ -48,7 +48,13 @@ SANDBOX_ENVIRONMENT = {"TAPBOX": "1"}
 def run(argv: list[str], libc: Libc) -> NoReturn:
     """Fork and exec the command, then serve as pid 1 until it exits (every signal blocked)."""
     early = _take_pending()
-    command = os.fork()
+    try:
+        command = os.fork()
+    except OSError as e:  # tapbox has closed the control socket by now: say it on stderr
+        with contextlib.suppress(OSError):
+            os.write(2, os.fsencode(f"tapbox: cannot start the command: {e.strerror} (too many "
+                                    "processes? see ulimit -u)\n"))
+        os._exit(EXIT_TAPBOX_FAILED)
     if command == 0:  # pragma: no cover - the command's side: leaves through exec or _exit
         _restore_signals(libc)
         _exec(argv)
