@@ -23,6 +23,11 @@ Pings: a ping socket shows the echo identifier as its local port, so it is match
 raw socket (ping(8) as root) has no identifier and is named only when it is the sandbox's one
 raw ICMP socket.
 
+Pids: the sandbox has its own PID namespace, so a process has two pids: the one tapbox finds
+in /proc (the host's view) and the one it has inside (what `$$`, `ps` and the program's own logs
+show; the command is pid 2 under tapbox's init). Flows name the process by its pid inside,
+read from the NSpid line of /proc/<pid>/status.
+
 Limits (best effort): a process that has already closed the socket (or exited) when the scan
 runs is "unknown", never guessed; a socket held by several processes (inherited across fork)
 names the lowest pid and lists the others in `shared_with`; processes tapbox may not inspect
@@ -159,8 +164,34 @@ def namespace_of(pid: int) -> str | None:
         return None
 
 
+def _nspids(pid: int | str) -> list[int]:
+    """The NSpid line of /proc/<pid>/status: the pid in each PID namespace, outermost first."""
+    data = _read(f"/proc/{pid}/status")
+    for line in (data or b"").splitlines():
+        if line.startswith(b"NSpid:"):
+            try:
+                return [int(field) for field in line.split()[1:]]
+            except ValueError:
+                return []
+    return []
+
+
+_OWN_DEPTH: list[int] = []  # how many PID namespaces deep tapbox itself is, as /proc shows
+
+
+def pid_inside(pid: int) -> int:
+    """The pid a process of the sandbox has inside it (one PID namespace below tapbox's);
+    `pid` itself when it is not in a deeper namespace."""
+    if not _OWN_DEPTH:
+        _OWN_DEPTH.append(len(_nspids("self")) or 1)
+    nspids = _nspids(pid)
+    depth = _OWN_DEPTH[0]
+    return nspids[depth] if len(nspids) > depth and nspids[depth - 1] == pid else pid
+
+
 def process_info(pid: int) -> ProcessInfo | None:
-    """pid, comm and cmdline of a process, None if it is gone."""
+    """pid (inside the sandbox), comm and cmdline of a process found as `pid` in /proc; None
+    if it is gone."""
     comm = _read(f"/proc/{pid}/comm")
     raw = _read(f"/proc/{pid}/cmdline", MAX_CMDLINE_BYTES)
     if comm is None or raw is None:
@@ -169,7 +200,7 @@ def process_info(pid: int) -> ProcessInfo | None:
     if args and args[-1] == b"":
         args.pop()
     cmdline = tuple(a.decode("utf-8", "replace") for a in args[:MAX_CMDLINE_ARGS])
-    return ProcessInfo(pid, comm.decode("utf-8", "replace").strip(), cmdline)
+    return ProcessInfo(pid_inside(pid), comm.decode("utf-8", "replace").strip(), cmdline)
 
 
 class Scanner:
@@ -251,7 +282,7 @@ class Scanner:
             for pid in pids:
                 info = process_info(pid)
                 if info is not None:
-                    others = tuple(p for p in pids if p != pid)
+                    others = tuple(pid_inside(p) for p in pids if p != pid)
                     info = ProcessInfo(info.pid, info.comm, info.cmdline, others)
                     break
             if info is None:

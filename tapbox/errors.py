@@ -26,9 +26,11 @@ from __future__ import annotations
 import re
 from typing import Self
 
-EXIT_TAPBOX_FAILED = 125
-EXIT_CANNOT_EXECUTE = 126
-EXIT_NOT_FOUND = 127
+# Exit statuses of tapbox's own making (DESIGN.md "Process model"); otherwise tapbox exits with
+# the command's status, or 128+N when the command died of signal N.
+EXIT_TAPBOX_FAILED = 125  # tapbox could not do its job (set-up failed, engine died)
+EXIT_CANNOT_EXECUTE = 126  # the command exists but could not be executed, as env(1)
+EXIT_NOT_FOUND = 127  # the command was not found, as env(1)
 EXIT_SIGNAL_BASE = 128  # + N when CMD was killed by signal N
 
 _FILE_LINE = re.compile(r"(.+):([0-9]+)")

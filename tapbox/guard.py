@@ -26,9 +26,10 @@ import ipaddress
 from collections.abc import Iterable
 
 from tapbox.allowlist import IPAddress, IPNetwork, normalize_address
+from tapbox.layout import SANDBOX_NETWORK, SANDBOX_NETWORK6
 
-SANDBOX_NET4 = ipaddress.IPv4Network("10.0.2.0/24")
-SANDBOX_NET6 = ipaddress.IPv6Network("fd00::/64")
+SANDBOX_NET4 = ipaddress.IPv4Network(SANDBOX_NETWORK)
+SANDBOX_NET6 = ipaddress.IPv6Network(SANDBOX_NETWORK6)
 HOST_OWN = "the host's own address"
 
 # Most specific first: the first range holding an address names the reason.

@@ -107,6 +107,13 @@ class Learner:
         directory = os.path.dirname(self.target)
         if not os.access(directory, os.W_OK):
             raise AllowlistError(f"--learn {path}: cannot write to {directory}")
+        # A FILE that does not exist yet is held by an empty placeholder for the run, so the
+        # sandbox finds a read-only file there (tapbox.isolate.plan) rather than a name it
+        # could create; the learned file replaces it, or the runner removes it.
+        self.placeholder: tuple[str, int, int] | None = None
+        if not self.exists:
+            self.placeholder = _hold(self.target, path)
+            self._at_start = _fingerprint(self.target)
         self.flows: set[tuple[str, str, int]] = set()  # ("name"|"ip", host, port or 0)
         self.left_out = 0  # flows not remembered: MAX_LEARNED was reached
         self.lookups: dict[str, None] = {}  # names resolved (ordered, bounded)
@@ -252,6 +259,20 @@ def _admitted(allowlist: Allowlist, rule: Rule) -> bool:
     assert rule.network is not None
     found = allowlist.address_rule(rule.network.network_address, port or 1)
     return found is not None and (port is not None or found.ports is None)
+
+
+def _hold(target: str, path: str) -> tuple[str, int, int]:
+    """Create an empty file at `target`; its (path, dev, ino)."""
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+    except OSError as exc:
+        raise AllowlistError(f"--learn {path}: cannot create: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return target, st.st_dev, st.st_ino
 
 
 def _name_key(name: str) -> str:

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, NamedTuple
 
 from tapbox.errors import UsageError
+from tapbox.layout import DEFAULT_MTU
 
-DEFAULT_MTU = 65520
 MIN_MTU = 576  # the smallest datagram every IPv4 host must accept (RFC 791)
 DEFAULT_PCAP_LIMIT = 100_000_000  # bytes: "100M"
 DEFAULT_LOG_LIMIT = 100_000_000  # bytes: "100M"

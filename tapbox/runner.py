@@ -12,7 +12,9 @@ or API; the command comes with it, separately.
 Recording (docs/audit.md) is set up in the same spirit: the --log and --pcap files are opened,
 and a --learn file is read, before the sandbox exists, so a bad path stops tapbox with 125
 before CMD runs. At the end, whatever way CMD ended (exit, signal), the log gets its exit event,
-the capture is flushed, the summary is printed and the learned allowlist is written.
+the capture is flushed, the summary is printed and the learned allowlist is written. Inside the
+sandbox all three paths are read-only (tapbox.isolate.plan); a --learn file that does not exist
+yet is held by an empty placeholder for the run, removed again if nothing was learned.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from typing import TYPE_CHECKING
 
 from tapbox.allowlist import Allowlist, AllowlistError, Rule, load_file, parse_rule
 from tapbox.errors import EXIT_TAPBOX_FAILED, SetupError
+from tapbox.isolate import Sandbox, SandboxConfig, SignalForwarder
+from tapbox.layout import DNS_ADDRESS, DNS_ADDRESS6
 from tapbox.options import AllowRule, RunOptions
-from tapbox.sandbox import DNS_ADDRESS, DNS_ADDRESS6, Sandbox, SandboxConfig, SignalForwarder
 
 if TYPE_CHECKING:
     from tapbox.audit import Audit
@@ -101,12 +104,26 @@ class Recording:
     pcap: PcapWriter | None = None
     learner: Learner | None = None
     sources: list[str] = field(default_factory=list)
+    placeholder: tuple[str, int, int] | None = None  # (path, dev, ino) of an empty --learn file
+
+    def paths(self, options: RunOptions) -> tuple[str, ...]:
+        """The files this run records to: the sandbox may not write them."""
+        record = options.record
+        return tuple(name for name in (record.log, record.pcap, record.learn) if name)
 
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
         if self.pcap is not None:
             self.pcap.close()
+        if self.placeholder is not None:  # nothing was learned: leave no empty allowlist
+            path, dev, ino = self.placeholder
+            try:
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino, st.st_size) == (dev, ino, 0):
+                    os.unlink(path)
+            except OSError:
+                pass
 
 
 def _open_recording(command: Sequence[str], options: RunOptions) -> Recording:
@@ -119,6 +136,7 @@ def _open_recording(command: Sequence[str], options: RunOptions) -> Recording:
             recording.learner = Learner(record.learn, list(command))
             if recording.learner.exists:
                 recording.sources.append(record.learn)
+            recording.placeholder = recording.learner.placeholder
         if record.log:
             from tapbox.eventlog import EventLog, LogError
 
@@ -185,12 +203,17 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
         sandbox = Sandbox.spawn(SandboxConfig(argv=list(command), network=network,
                                               mtu=options.network.mtu,
                                               root=options.environment.root,
-                                              ipv6=ipv6_enabled, resolv_conf=resolv),
+                                              ipv6=ipv6_enabled, resolv_conf=resolv,
+                                              read_only_files=recording.paths(options)
+                                              if recording else ()),
                                 meanwhile=meanwhile if network else None)
     except BaseException:
         forwarder.restore()
         raise
     forwarder.start(sandbox.pid)
+    if options.record.verbose and sandbox.plan is not None:
+        for line in sandbox.plan.describe():
+            print(f"tapbox: sandbox: {line}", file=sys.stderr)
     _raise_fd_limit()  # after the fork: the command keeps the limits it was given
     try:
         if not network:

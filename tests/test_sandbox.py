@@ -1,4 +1,4 @@
-"""tapbox.sandbox against the real kernel: namespaces, tap0, resolv.conf, exit codes, signals, tty.
+"""tapbox.isolate against the real kernel: namespaces, tap0, resolv.conf, exit codes, signals, tty.
 
 These tests run as root (CI) or as any user allowed to create user namespaces with /dev/net/tun
 usable. They spawn real sandboxes; commands write what they see into files under tmp_path.
@@ -30,14 +30,10 @@ from typing import Any
 import pytest
 import trio
 
-from tapbox import sandbox as sandbox_mod
-from tapbox.sandbox import (
-    SI_KERNEL,
-    Sandbox,
-    SandboxConfig,
-    SetupError,
-    should_forward,
-)
+from tapbox.isolate import Sandbox, SandboxConfig, SetupError, diagnose, mounts
+from tapbox.isolate import plan as plan_mod
+from tapbox.isolate import tap as tap_mod
+from tapbox.isolate.signals import SI_KERNEL, should_forward
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -214,7 +210,7 @@ def test_no_network_has_only_lo(tmp_path: Path) -> None:
 
 def test_sysfs_submounts_are_kept(tmp_path: Path) -> None:
     """The fresh /sys carries over what was mounted below the old one (e.g. /sys/fs/cgroup)."""
-    host = sorted(sandbox_mod._top_submounts("/sys"))
+    host = sorted(mounts.top_submounts("/sys"))
     out = tmp_path / "mounts"
     assert sh(f"cat /proc/self/mountinfo > {out}") == 0
     inside = [ln.split()[4] for ln in out.read_text().splitlines()]
@@ -253,7 +249,7 @@ def test_missing_resolv_conf_is_a_setup_error(
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     dangling = tmp_path / "resolv.conf"
     dangling.symlink_to(tmp_path / "nowhere" / "stub-resolv.conf")
-    monkeypatch.setattr(sandbox_mod, "RESOLV_CONF", str(dangling))
+    monkeypatch.setattr(plan_mod, "RESOLV_CONF", str(dangling))
     with pytest.raises(SetupError) as info:
         Sandbox.spawn(SandboxConfig(["true"]))
     msg = str(info.value)
@@ -341,7 +337,7 @@ def test_kill_before_start() -> None:
 PARENT_DIES = textwrap.dedent(
     """
     import json, os, sys
-    from tapbox.sandbox import Sandbox, SandboxConfig
+    from tapbox.isolate import Sandbox, SandboxConfig
     argv, start = json.loads(sys.argv[1]), sys.argv[2] == "start"
     sb = Sandbox.spawn(SandboxConfig(argv, network=True))
     if start:
@@ -392,8 +388,15 @@ def test_child_never_execs_if_tapbox_dies_before_start(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def test_command_dies_with_tapbox(tmp_path: Path) -> None:
-    """PR_SET_PDEATHSIG survives exec: a sandbox whose engine died is killed, not left netless."""
+    """PR_SET_PDEATHSIG on pid 1: a sandbox whose engine died is killed, not left netless."""
     script = _script(tmp_path, "parent.py", PARENT_DIES)
     proc = subprocess.Popen(
         [PY, str(script), json.dumps(["sleep", "60"]), "start"],
@@ -403,12 +406,14 @@ def test_command_dies_with_tapbox(tmp_path: Path) -> None:
         text=True,
     )
     assert proc.stdout is not None and proc.stdin is not None
-    child = int(proc.stdout.readline())
-    wait_for(lambda: _comm(child) == "sleep", what="exec of sleep")
+    init = int(proc.stdout.readline())
+    wait_for(lambda: [_comm(c) for c in _children(init)] == ["sleep"], what="exec of sleep")
+    (command,) = _children(init)
     proc.stdin.write("die\n")
     proc.stdin.flush()
     assert proc.wait(timeout=10) == 0
-    wait_for(lambda: not _alive(child), what="the sandboxed command to be killed")
+    wait_for(lambda: not _alive(init), what="the sandbox's pid 1 to be killed")
+    wait_for(lambda: not _alive(command), what="the sandboxed command to be killed")
 
 
 def _state(pid: int) -> str:
@@ -450,7 +455,7 @@ def _comm(pid: int) -> str:
 
 
 def test_missing_tun_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sandbox_mod, "TUN_DEVICE", "/nonexistent/net/tun")
+    monkeypatch.setattr(tap_mod, "TUN_DEVICE", "/nonexistent/net/tun")
     with pytest.raises(SetupError) as info:
         Sandbox.spawn(SandboxConfig(["true"]))
     assert str(info.value) == (
@@ -459,24 +464,23 @@ def test_missing_tun_device(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
-def test_tun_permission_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tun_permission_message(tmp_path: Path) -> None:
     fake = tmp_path / "tun"
     fake.write_text("")
     fake.chmod(0o600)
-    monkeypatch.setattr(sandbox_mod, "TUN_DEVICE", str(fake))
-    msg = sandbox_mod._tun_permission_failure()
+    msg = diagnose.tun_permission_failure(str(fake))
     assert "permission denied" in msg and "mode 0600" in msg
     assert f"chmod 0666 {fake}" in msg and "tapbox -n" in msg
     fake.chmod(0o666)
-    assert "device cgroup" in sandbox_mod._tun_permission_failure()
+    assert "device cgroup" in diagnose.tun_permission_failure(str(fake))
 
 
-def host(values: dict[str, str], unprivileged: bool = True) -> sandbox_mod._Host:
-    return sandbox_mod._Host(unprivileged, values)
+def host(values: dict[str, str], unprivileged: bool = True) -> diagnose.Host:
+    return diagnose.Host(unprivileged, values)
 
 
 def test_userns_diagnosis_names_the_sysctl() -> None:
-    fail = sandbox_mod._unshare_failure
+    fail = diagnose.unshare_failure
     msg = fail("user", errno.EPERM, host({"/proc/sys/kernel/unprivileged_userns_clone": "0"}))
     assert "kernel.unprivileged_userns_clone = 0" in msg
     assert "sysctl -w kernel.unprivileged_userns_clone=1" in msg
@@ -495,7 +499,7 @@ def test_userns_diagnosis_names_the_sysctl() -> None:
     assert "kernel.apparmor_restrict_unprivileged_userns = 1" in msg
     assert "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0" in msg
     # The AppArmor restriction usually lets unshare() succeed and fails the next privileged step.
-    msg = sandbox_mod._eperm_failure("creating tap0: Operation not permitted", host(apparmor))
+    msg = diagnose.eperm_failure("creating tap0: Operation not permitted", host(apparmor))
     assert "apparmor_restrict_unprivileged_userns" in msg
     # ... and does not apply to real root.
     assert "apparmor" not in fail("user", errno.EPERM, host(apparmor, unprivileged=False))
@@ -503,7 +507,8 @@ def test_userns_diagnosis_names_the_sysctl() -> None:
     msg = fail("user", errno.EPERM, host({}))
     assert "seccomp" in msg and "container" in msg
 
-    msg = fail("network and mount", errno.ENOSPC, host({"/proc/sys/user/max_net_namespaces": "0"}))
+    msg = fail(diagnose.OTHER_NAMESPACES, errno.ENOSPC,
+               host({"/proc/sys/user/max_net_namespaces": "0"}))
     assert "user.max_net_namespaces = 0" in msg
     for m in (msg, fail("user", errno.EINVAL, host({}))):
         assert m.startswith("tapbox: ") and "\n" not in m
@@ -514,7 +519,7 @@ def _in_outer_userns(limit: str) -> subprocess.CompletedProcess[str]:
     script = textwrap.dedent(
         f"""
         import ctypes, os, sys
-        from tapbox.sandbox import Sandbox, SandboxConfig, SetupError
+        from tapbox.isolate import Sandbox, SandboxConfig, SetupError
         uid, gid = os.getuid(), os.getgid()
         assert ctypes.CDLL(None, use_errno=True).unshare(0x10000000) == 0
         open("/proc/self/setgroups", "w").write("deny")
@@ -534,7 +539,11 @@ def _in_outer_userns(limit: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize(
     ("limit", "what"),
-    [("max_user_namespaces", "user namespace"), ("max_net_namespaces", "network and mount")],
+    [("max_user_namespaces", "user namespace"),
+     ("max_net_namespaces", "network, mount, PID, IPC and UTS namespaces"),
+     ("max_pid_namespaces", "network, mount, PID, IPC and UTS namespaces"),
+     ("max_ipc_namespaces", "network, mount, PID, IPC and UTS namespaces"),
+     ("max_uts_namespaces", "network, mount, PID, IPC and UTS namespaces")],
 )
 def test_namespace_limit_diagnosed_for_real(limit: str, what: str) -> None:
     proc = _in_outer_userns(limit)
@@ -595,7 +604,7 @@ def test_should_forward_rules() -> None:
 FORWARDING_PARENT = textwrap.dedent(
     """
     import json, sys
-    from tapbox.sandbox import Sandbox, SandboxConfig, SignalForwarder
+    from tapbox.isolate import Sandbox, SandboxConfig, SignalForwarder
     fwd = SignalForwarder()  # before any thread and before spawn, as the CLI does
     sb = Sandbox.spawn(SandboxConfig(json.loads(sys.argv[1]), network=False))
     fwd.start(sb.pid)
@@ -827,7 +836,7 @@ def test_interactive_bash_has_job_control(tmp_path: Path) -> None:
 ROOTLESS = textwrap.dedent(
     """
     import json, os, sys
-    from tapbox.sandbox import Sandbox, SandboxConfig
+    from tapbox.isolate import Sandbox, SandboxConfig
     result = {}
     for root in (False, True):
         r, w = os.pipe()
@@ -880,7 +889,7 @@ def test_rootless(tmp_path: Path) -> None:
     env.pop("XDG_RUNTIME_DIR", None)
     env["HOME"] = "/tmp"
     probe = subprocess.run(
-        [*drop, PY, "-c", "import tapbox.sandbox, pyroute2"],
+        [*drop, PY, "-c", "import tapbox.isolate, pyroute2"],
         env=env,
         capture_output=True,
         text=True,

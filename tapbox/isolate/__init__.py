@@ -1,0 +1,28 @@
+"""The process half of tapbox: the sandbox the command runs in (no trio, no network imports).
+
+How the package is laid out, in the order one sandbox comes to be:
+
+- config.py      SandboxConfig: what the caller asks for (command, network, uid, MTU...)
+- plan.py        the filesystem set-up as data: an ordered list of operations, printable
+- spawn.py       the parent's Sandbox: fork, receive the TAP fd, start(), wait()
+- child.py       the forked child (enters the namespaces) and pid 1 (sets up, reports, locks
+                 itself down, waits for the word)
+- reaper.py      pid 1 afterwards: fork and exec the command, reap, forward signals, exit with it
+- namespaces.py  user namespace and id maps, then network, mount, PID, IPC, UTS; the hostname
+- tap.py         tap0: open /dev/net/tun inside the netns, configure the links (pyroute2)
+- mounts.py      executing the plan's operations
+- seccomp.py     the system-call filter: policy as data, built with libseccomp (ctypes)
+- signals.py     SignalForwarder: signals sent to tapbox reach the command, Ctrl-C once
+- diagnose.py    why a step failed, in one line naming cause and fix
+- libc.py        the system calls Python's os lacks, through ctypes
+
+Rule: nothing here imports trio at module level, nor anything of the network half (engine,
+netstack, dns, policy); the two halves meet only through the TAP fd and a pid.
+"""
+
+from tapbox.errors import SetupError
+from tapbox.isolate.config import SandboxConfig
+from tapbox.isolate.signals import SignalForwarder
+from tapbox.isolate.spawn import Sandbox
+
+__all__ = ["Sandbox", "SandboxConfig", "SetupError", "SignalForwarder"]

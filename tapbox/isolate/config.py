@@ -1,0 +1,28 @@
+"""What the caller asks of a sandbox: the command and how the sandbox looks from inside."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tapbox.layout import DEFAULT_MTU, DNS_ADDRESS
+
+if TYPE_CHECKING:  # the filter is built in the child: the parent need not import seccomp
+    from tapbox.isolate.seccomp import Policy
+
+
+@dataclass
+class SandboxConfig:
+    """What to run and how the sandbox looks from inside."""
+
+    argv: list[str]
+    network: bool = True  # False = `-n`: only lo, no TAP (no engine), no resolv.conf
+    mtu: int = DEFAULT_MTU
+    root: bool = False  # --root: uid/gid 0 inside (fakeroot), else the caller's uid/gid numbers
+    resolv_conf: str = f"nameserver {DNS_ADDRESS}\n"
+    ipv6: bool = False  # also fd00::100/64 on tap0, default route via fd00::2
+    vnet_hdr: bool = True  # IFF_VNET_HDR with checksum offload (the engine must expect it)
+    syscalls: Policy | None = None  # CMD's seccomp filter; None: isolate.seccomp.DEFAULT_POLICY
+    # Files the sandbox must not write (tapbox's own records: --log, --pcap, --learn): read-only
+    # inside, and their directories cannot be renamed (isolate.plan).
+    read_only_files: tuple[str, ...] = ()

@@ -1,0 +1,127 @@
+"""Why a set-up step failed, in one line that names the cause and the fix.
+
+How this works: the kernel answers a refused unshare(2), mount(2) or TAP ioctl with a bare errno
+(EPERM, ENOSPC, EINVAL). What refused it is told apart with facts read before the sandbox
+exists (`Host.collect()`: the namespace sysctls, which are per user namespace and so must be read
+before unshare, and whether tapbox runs unprivileged): a disabled or exhausted namespace limit,
+Ubuntu's AppArmor restriction of unprivileged user namespaces, a container's seccomp profile, the
+mode of /dev/net/tun. Each function returns the message; the caller raises it as a SetupError.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+USERNS_CLONE = "/proc/sys/kernel/unprivileged_userns_clone"
+MAX_USERNS = "/proc/sys/user/max_user_namespaces"
+MAX_NETNS = "/proc/sys/user/max_net_namespaces"
+MAX_MNTNS = "/proc/sys/user/max_mnt_namespaces"
+MAX_PIDNS = "/proc/sys/user/max_pid_namespaces"
+MAX_IPCNS = "/proc/sys/user/max_ipc_namespaces"
+MAX_UTSNS = "/proc/sys/user/max_uts_namespaces"
+APPARMOR_USERNS = "/proc/sys/kernel/apparmor_restrict_unprivileged_userns"
+SYSCTLS = (USERNS_CLONE, MAX_USERNS, MAX_NETNS, MAX_MNTNS, MAX_PIDNS, MAX_IPCNS, MAX_UTSNS,
+           APPARMOR_USERNS)
+
+
+@dataclass(frozen=True)
+class Host:
+    """What diagnosis needs, read before unshare(): /proc/sys/user/* is per user namespace."""
+
+    unprivileged: bool
+    sysctls: dict[str, str]  # path -> value, for the files that exist
+
+    @classmethod
+    def collect(cls) -> Host:
+        values: dict[str, str] = {}
+        for path in SYSCTLS:
+            try:
+                with open(path, encoding="ascii") as f:
+                    values[path] = f.read().strip()
+            except OSError:
+                pass
+        return cls(os.geteuid() != 0, values)
+
+    def sysctl(self, path: str) -> str | None:
+        return self.sysctls.get(path)
+
+
+def sysctl_name(path: str) -> str:
+    return path.removeprefix("/proc/sys/").replace("/", ".")
+
+
+def apparmor_hint(host: Host) -> str | None:
+    if host.unprivileged and host.sysctl(APPARMOR_USERNS) == "1":
+        name = sysctl_name(APPARMOR_USERNS)
+        return (
+            f"AppArmor restricts unprivileged user namespaces ({name} = 1): allow them with "
+            f"`sysctl -w {name}=0` or give tapbox's python an AppArmor profile with the "
+            "`userns,` rule"
+        )
+    return None
+
+
+OTHER_NAMESPACES = "network, mount, PID, IPC and UTS"
+
+
+def unshare_failure(what: str, err: int, host: Host) -> str:
+    """Message for a failed unshare() of the user namespace (what="user") or of the others."""
+    noun = "namespace" if what == "user" else "namespaces"
+    head = f"tapbox: cannot create the sandbox's {what} {noun}"
+    limits = [MAX_USERNS] if what == "user" else [MAX_NETNS, MAX_MNTNS, MAX_PIDNS, MAX_IPCNS,
+                                                    MAX_UTSNS]
+    if what == "user" and host.unprivileged and host.sysctl(USERNS_CLONE) == "0":
+        name = sysctl_name(USERNS_CLONE)
+        return (
+            f"{head}: unprivileged user namespaces are disabled ({name} = 0): "
+            f"enable them with `sysctl -w {name}=1`"
+        )
+    for path in limits:
+        if host.sysctl(path) == "0":
+            name = sysctl_name(path)
+            return f"{head}: disabled by {name} = 0: enable them with `sysctl -w {name}=15000`"
+    if err == errno.ENOSPC:
+        names = " and ".join(f"{sysctl_name(p)} (now {host.sysctl(p) or '?'})" for p in limits)
+        return f"{head}: the limit on namespaces is reached (ENOSPC): raise {names} with sysctl -w"
+    if err == errno.EPERM:
+        hint = apparmor_hint(host)
+        if hint is not None:
+            return f"{head}: {hint}"
+        return (
+            f"{head}: Operation not permitted: namespaces are forbidden here (a container's "
+            "seccomp profile, or a chroot?): run tapbox on the host or allow unshare(2) and user "
+            "namespaces in the container"
+        )
+    if err == errno.EINVAL:
+        return f"{head}: {os.strerror(err)}: this kernel lacks namespace support (CONFIG_USER_NS)"
+    return f"{head}: {os.strerror(err)}"
+
+
+def eperm_failure(step: str, host: Host) -> str:
+    """A step after the user namespace exists failed (usually EPERM)."""
+    hint = apparmor_hint(host)
+    if hint is not None:
+        return f"tapbox: {step}: {hint}"
+    return f"tapbox: {step}: a security module or seccomp profile may forbid it; try tapbox -n"
+
+
+def tun_permission_failure(device: str) -> str:
+    """Opening the TUN device was refused: its mode, or something above it (cgroup, LSM)."""
+    try:
+        mode = stat.S_IMODE(os.stat(device).st_mode)
+    except OSError:
+        mode = None
+    if mode is not None and mode & 0o006 != 0o006:
+        return (
+            f"tapbox: permission denied on {device} (mode {mode:04o}): make it usable by "
+            f"everyone as mainstream distributions do: chmod 0666 {device} (or a udev rule "
+            'KERNEL=="tun", MODE="0666"), or run tapbox -n'
+        )
+    return (
+        f"tapbox: permission denied on {device} although its mode allows it: a device cgroup "
+        "or security module forbids it (inside a container? pass the device in with "
+        "--device /dev/net/tun), or run tapbox -n"
+    )

@@ -1,0 +1,320 @@
+"""The parent's side of a sandbox: fork, get pid 1 and the TAP fd, let it start, wait for it.
+
+How this works: `Sandbox.spawn()` writes the private resolv.conf, builds the filesystem plan
+(tapbox.isolate.plan) and forks once, before trio or any thread starts. The child
+(tapbox.isolate.child) enters the namespaces and creates pid 1 of the sandbox as tapbox's own
+child (clone with CLONE_PARENT); it sends pid 1's pid (b"P") and exits, and spawn() reaps it and
+from then on the sandbox *is* pid 1. Pid 1 sets itself up and answers on the SOCK_SEQPACKET
+socketpair: b"R" with the TAP fd (SCM_RIGHTS), or b"E" and one line, raised here as SetupError.
+It then waits for `start()` (b"G") to start the command; closing the socket instead makes it exit
+125 without running anything. Pid 1 is tracked through a pidfd (no pid reuse) and waited for
+either blocking (`wait_status()`) or from trio (`await wait()`, the pidfd becomes readable at
+exit); its exit status is the command's (tapbox.isolate.reaper), and by the time it can be
+reaped every other process of the sandbox is gone.
+
+Suggested use (cli)::
+
+    fwd = SignalForwarder()              # main thread, before any thread and before spawn()
+    sb = Sandbox.spawn(config)           # raises SetupError -> exit 125
+    fwd.start(sb.pid)
+    ... trio.run(engine, sb)             # engine reads sb.tap_fd, calls sb.start() once ready,
+                                         # and `await sb.wait()` for the exit code
+    fwd.stop()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from typing import NoReturn
+
+from tapbox.errors import SetupError
+from tapbox.isolate import plan as plan_mod
+from tapbox.isolate.child import MSG_ERROR, MSG_GO, MSG_PID, MSG_READY, PID_FORMAT, child_main
+from tapbox.isolate.config import SandboxConfig
+
+# How long spawn() waits for the child to report set-up done (pyroute2's import alone is ~0.2 s).
+SETUP_TIMEOUT = 60.0
+
+
+class Sandbox:
+    """A fully set-up sandbox (pid 1 of its namespaces) waiting for `start()` to run its command.
+
+    `pid` is pid 1's pid as tapbox sees it (during spawn(), first the set-up child's).
+    """
+
+    pid: int
+    tap_fd: int | None
+    plan: plan_mod.Plan | None = None  # the filesystem set-up pid 1 executed
+
+    def __init__(self, pid: int, sock: socket.socket, pidfd: int | None) -> None:
+        self.pid = pid
+        self._setup_pid: int | None = pid  # the child tapbox forked, until pid 1 is known
+        self.tap_fd = None
+        self._sock: socket.socket | None = sock
+        self._pidfd = pidfd
+        self._status: int | None = None
+        self._wait_lock = threading.Lock()
+        self._trio_waiting = False
+
+    @classmethod
+    def spawn(cls, config: SandboxConfig,
+              meanwhile: Callable[[], object] | None = None) -> Sandbox:
+        """Fork the child and return once it is set up (TAP fd received) and waiting for start().
+
+        Call it before trio.run() or any thread starts, from the main thread.
+        `meanwhile` runs in the parent while the child sets up (e.g. the engine's imports: the
+        two overlap on a multi-core machine). Raises SetupError naming cause and fix.
+        """
+        if not config.argv:
+            raise SetupError("tapbox: no command given: usage: tapbox [OPTIONS] -- CMD [ARGS...]")
+        uid, gid = os.getuid(), os.getgid()
+        resolv_path = _write_resolv_conf(config.resolv_conf) if config.network else None
+        try:
+            plan = plan_mod.build(config, resolv_path)
+            parent_sock, child_sock = socket.socketpair(
+                socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+            )
+            parent_pid = os.getpid()
+            try:
+                pid = os.fork()
+            except OSError as e:
+                parent_sock.close()
+                child_sock.close()
+                raise SetupError(f"tapbox: cannot fork the sandbox process: {e.strerror}") from e
+            if pid == 0:  # pragma: no cover - the child leaves through os._exit or exec
+                parent_sock.close()
+                child_main(config, plan, child_sock, parent_pid, uid, gid)
+            child_sock.close()
+            # Our unreaped child: its pid cannot be reused before we wait for it.
+            try:
+                pidfd: int | None = os.pidfd_open(pid)
+            except OSError:  # kernel < 5.3
+                pidfd = None
+            sandbox = cls(pid, parent_sock, pidfd)
+            sandbox.plan = plan
+            try:
+                if meanwhile is not None:
+                    meanwhile()
+                sandbox.tap_fd = sandbox._receive_ready(config.network)
+            except BaseException:
+                sandbox.kill()
+                sandbox.wait_status()
+                sandbox.close()
+                raise
+            return sandbox
+        finally:
+            # The child has bind-mounted it (the mount keeps the inode) or failed: either way the
+            # name is no longer needed.
+            if resolv_path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(resolv_path)
+
+    def _receive_ready(self, network: bool) -> int | None:
+        """Wait for pid 1's pid (b"P") and its readiness (b"R", with the TAP fd)."""
+        assert self._sock is not None
+        tap_fds: list[int] | None = None
+        while tap_fds is None or self._setup_pid is not None:
+            msg, fds = self._receive()
+            if msg.startswith(MSG_PID) and len(msg) == 1 + PID_FORMAT.size and not fds:
+                self._adopt(PID_FORMAT.unpack_from(msg, 1)[0])
+            elif msg.startswith(MSG_READY) and tap_fds is None:
+                tap_fds = fds
+            else:
+                for fd in fds:
+                    os.close(fd)
+                self._fail(msg)
+        self._sock.settimeout(None)
+        if not network:
+            for fd in tap_fds:
+                os.close(fd)
+            return None
+        if len(tap_fds) != 1:
+            for fd in tap_fds:
+                os.close(fd)
+            raise SetupError("tapbox: internal error: the TAP fd did not arrive from the sandbox")
+        os.set_blocking(tap_fds[0], False)
+        return tap_fds[0]
+
+    def _receive(self) -> tuple[bytes, list[int]]:
+        assert self._sock is not None
+        self._sock.settimeout(SETUP_TIMEOUT)
+        try:
+            return _recv_with_fds(self._sock)
+        except TimeoutError:
+            raise SetupError(
+                f"tapbox: the sandbox process did not finish set-up within {SETUP_TIMEOUT:.0f} s: "
+                "is the machine overloaded?"
+            ) from None
+
+    def _adopt(self, init_pid: int) -> None:
+        """The set-up child reported pid 1 and exits: reap it; the sandbox is pid 1 from now."""
+        assert self._setup_pid is not None
+        os.waitpid(self._setup_pid, 0)
+        self._setup_pid = None
+        self._close_pidfd()
+        self.pid = init_pid
+        try:  # our unreaped child (CLONE_PARENT): its pid cannot be reused before we wait
+            self._pidfd = os.pidfd_open(init_pid)
+        except OSError:  # kernel < 5.3
+            self._pidfd = None
+
+    def _adopt_late(self) -> None:
+        """Pid 1 failed so fast that its error came before its pid: take the pid (EOF instead
+        if the set-up child itself failed), so that pid 1 is reaped, not left a zombie."""
+        assert self._sock is not None
+        with contextlib.suppress(OSError):
+            self._sock.settimeout(5.0)
+            msg, fds = _recv_with_fds(self._sock)
+            for fd in fds:
+                os.close(fd)
+            if msg.startswith(MSG_PID) and len(msg) == 1 + PID_FORMAT.size:
+                self._adopt(PID_FORMAT.unpack_from(msg, 1)[0])
+
+    def _fail(self, msg: bytes) -> NoReturn:
+        if msg.startswith(MSG_ERROR):
+            if self._setup_pid is not None:
+                self._adopt_late()
+            raise SetupError(msg[1:].decode("utf-8", "replace").strip())
+        code = self.wait_status()
+        if code > 128:
+            raise SetupError(
+                f"tapbox: the sandbox process was killed by signal {code - 128} during set-up "
+                "(out of memory? killed by someone?): try again"
+            )
+        raise SetupError(
+            f"tapbox: the sandbox process exited during set-up (status {code}) "
+            "without saying why: this is a bug in tapbox, please report it"
+        )
+
+    def start(self) -> None:
+        """Let the child exec the command (idempotent). Exit codes tell how exec went."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):  # child already gone: wait_status() tells how
+            sock.send(MSG_GO, socket.MSG_NOSIGNAL)
+        sock.close()
+
+    def send_signal(self, signo: int) -> None:
+        """Send a signal to the child; a no-op once it has been reaped."""
+        if self._status is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, signo)
+            else:
+                os.kill(self.pid, signo)
+
+    def kill(self) -> None:
+        """SIGKILL the child (before or after exec)."""
+        self.send_signal(signal.SIGKILL)
+
+    def wait_status(self) -> int:
+        """Block until the child exits; its exit code, or 128+N if killed by signal N."""
+        with self._wait_lock:
+            if self._status is None:
+                _pid, status = os.waitpid(self.pid, 0)
+                code = os.waitstatus_to_exitcode(status)
+                self._status = 128 - code if code < 0 else code
+                if not self._trio_waiting:
+                    self._close_pidfd()
+            return self._status
+
+    async def wait(self) -> int:
+        """trio: wait for the child to exit (cancellable) and return wait_status().
+
+        Uses the pidfd (readable once the child has exited); on kernels without pidfds, a thread.
+        Only one task may wait at a time.
+        """
+        import trio
+
+        if self._status is not None:
+            return self._status
+        if self._pidfd is None:
+            return await trio.to_thread.run_sync(self.wait_status, abandon_on_cancel=True)
+        self._trio_waiting = True
+        try:
+            await trio.lowlevel.wait_readable(self._pidfd)
+        finally:
+            self._trio_waiting = False
+        status = self.wait_status()
+        self._close_pidfd()
+        return status
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once reaped, else None."""
+        return self._status
+
+    def close(self) -> None:
+        """Close the control socket and the pidfd (not tap_fd, which belongs to the engine).
+
+        Closing the control socket before start() makes the child exit 125 without exec.
+        """
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if not self._trio_waiting:
+            self._close_pidfd()
+
+    def _close_pidfd(self) -> None:
+        fd, self._pidfd = self._pidfd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One message and the fds passed with it, close-on-exec from the start.
+
+    Not socket.recv_fds(): Python 3.11's ignores its flags argument, so MSG_CMSG_CLOEXEC is lost.
+    """
+    size = struct.calcsize("i")
+    msg, ancdata, _flags, _addr = sock.recvmsg(
+        4096, socket.CMSG_SPACE(4 * size), socket.MSG_CMSG_CLOEXEC
+    )
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % size
+            fds.extend(struct.unpack(f"{usable // size}i", data[:usable]))
+    return msg, fds
+
+
+def _write_resolv_conf(content: str) -> str:
+    """Write the sandbox's resolv.conf (0644) where the child (same kernel uid) can reach it."""
+    import tempfile  # only with network: keeps `tapbox -n` start-up lean
+
+    candidates = [os.environ.get("XDG_RUNTIME_DIR", ""), tempfile.gettempdir(), "/tmp"]
+    last: OSError | None = None
+    for directory in candidates:
+        if not directory or not os.access(directory, os.W_OK | os.X_OK):
+            continue
+        try:
+            fd, path = tempfile.mkstemp(prefix="tapbox-resolv-", suffix=".conf", dir=directory)
+        except OSError as e:
+            last = e
+            continue
+        with open(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(content)
+        return path
+    reason = f": {last.strerror}" if last is not None else ""
+    raise SetupError(
+        f"tapbox: cannot write a temporary resolv.conf in $XDG_RUNTIME_DIR or /tmp{reason}: "
+        "make /tmp writable or set TMPDIR to a writable directory"
+    )
+
+
+# --------------------------------------------------------------------------------------------
