@@ -77,10 +77,10 @@ def test_a_newline_in_the_command_cannot_add_a_rule(run_tapbox: RunTapbox, faken
     assert all(line.startswith("#") for line in text.splitlines()), text
 
 
-def test_lines_appended_during_the_run_are_not_merged(run_tapbox: RunTapbox, fakenet: FakeNet,
-                                                      tmp_path: Path) -> None:
-    """FILE is read once, before the sandbox exists; what the command writes into it meanwhile
-    is not kept in FILE, and stderr says so (the changed version is kept aside)."""
+def test_the_command_cannot_append_to_the_learn_file(run_tapbox: RunTapbox, fakenet: FakeNet,
+                                                     tmp_path: Path) -> None:
+    """FILE is read-only inside the sandbox (a read-only bind): what the command tries to add
+    never reaches it, and FILE ends as the text read before the run plus what tapbox learned."""
     learned = tmp_path / "project.allow"
     original = "# mine\napi.example.test:80\n"
     learned.write_text(original)
@@ -89,23 +89,48 @@ def test_lines_appended_during_the_run_are_not_merged(run_tapbox: RunTapbox, fak
                         client("hello", "203.0.113.10", "80")])
     proc = run_tapbox("--learn", str(learned), cmd=["sh", "-c", script], timeout=SHORT)
     assert proc.returncode == 0, describe(proc)
+    assert "Read-only file system" in proc.stderr, describe(proc)
     text = learned.read_text()
     assert text.startswith(original), text
     assert rules_in(learned) == ["api.example.test:80", "203.0.113.10:80"], text
-    assert "changed while the command ran" in proc.stderr, describe(proc)
-    aside = Path(f"{learned}.changed-during-run")
-    assert aside.read_text() == original + "0.0.0.0/0\n"
-    assert str(aside) in proc.stderr, describe(proc)
 
 
-def test_a_file_created_during_the_run_is_replaced(run_tapbox: RunTapbox, fakenet: FakeNet,
-                                                   tmp_path: Path) -> None:
+def test_the_command_cannot_create_the_learn_file(run_tapbox: RunTapbox, fakenet: FakeNet,
+                                                  tmp_path: Path) -> None:
     learned = tmp_path / "project.allow"
     script = f"echo '0.0.0.0/0' > {learned}; " + client("hello", "api.example.test", "80")
     proc = run_tapbox("--learn", str(learned), cmd=["sh", "-c", script], timeout=SHORT)
     assert proc.returncode == 0, describe(proc)
+    assert "Read-only file system" in proc.stderr, describe(proc)
     assert rules_in(learned) == ["api.example.test:80"], learned.read_text()
-    assert "was created while the command ran" in proc.stderr, describe(proc)
+
+
+def test_a_file_changed_outside_during_the_run_is_not_merged(tmp_path: Path) -> None:
+    """Read once, written from that text: a change made meanwhile (from outside the sandbox,
+    which cannot write FILE) is not merged, and is kept aside for review."""
+    learned = tmp_path / "project.allow"
+    original = "# mine\napi.example.test:80\n"
+    learned.write_text(original)
+    learner = Learner(str(learned), ["true"])
+    with learned.open("a") as f:
+        f.write("0.0.0.0/0\n")
+    learner.flow(_flow("api.example.test", "192.0.2.10", 443))
+    report = learner.write(0)
+    text = learned.read_text()
+    assert text.startswith(original) and "0.0.0.0/0" not in text, text
+    assert any("changed while the command ran" in line for line in report), report
+    aside = Path(f"{learned}.changed-during-run")
+    assert aside.read_text() == original + "0.0.0.0/0\n"
+
+
+def test_a_missing_file_is_held_by_a_placeholder_and_replaced(tmp_path: Path) -> None:
+    learned = tmp_path / "project.allow"
+    learner = Learner(str(learned), ["true"])
+    assert learned.exists() and learned.stat().st_size == 0  # held for the run
+    learner.flow(_flow("api.example.test", "192.0.2.10", 443))
+    report = learner.write(0)
+    assert not any("while the command ran" in line for line in report), report
+    assert rules_in(learned) == ["api.example.test:443"], learned.read_text()
 
 
 def _flow(name: str | None, dst: str, port: int) -> FlowRecord:
