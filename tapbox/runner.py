@@ -229,6 +229,7 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
             sandbox.kill()
             sandbox.wait_status()
         sandbox.close()
+        forwarder.restore(discard_pending=True)  # the caller's signal mask, as it was
 
 
 async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str, int]],

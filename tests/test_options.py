@@ -5,6 +5,7 @@ that runs a command from options built in Python."""
 from __future__ import annotations
 
 import ast
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -311,7 +312,11 @@ def test_log_subcommand_is_dispatched_to_its_own_parser(
 def test_runner_takes_options_built_in_python() -> None:
     """The runner needs no argparse namespace: options from the model alone run a command."""
     options = RunOptions(network=NetworkOptions(enabled=False)).validate()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     assert tapbox.runner.run(["sh", "-c", "exit 7"], options) == 7
+    # The caller's signal mask is left as it was (a blocked SIGINT leaked into every process
+    # the test session started afterwards: Ctrl-C no longer reached them).
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
 
 
 def test_console_script_and_module_entry_points() -> None:

@@ -117,12 +117,18 @@ class SignalForwarder:
         if fd is not None:
             os.close(fd)
 
-    def restore(self) -> None:
+    def restore(self, discard_pending: bool = False) -> None:
         """Restore the signal mask of the calling thread (the one that created the forwarder).
 
-        Signals that arrived meanwhile are then delivered to tapbox itself.
+        Signals that arrived meanwhile are then delivered to tapbox itself, unless
+        `discard_pending`: after a run they were meant for the command, which is gone, and a
+        program that ran the sandbox in-process carries on with its own signal state intact.
         """
         self.stop()
+        if discard_pending:
+            blocked = self.signals | {signal.SIGTTOU}
+            while pending := signal.sigpending() & blocked:
+                signal.sigtimedwait(pending, 0)
         signal.pthread_sigmask(signal.SIG_SETMASK, self._old_mask)
 
     def __enter__(self) -> SignalForwarder:
