@@ -35,9 +35,9 @@ from tapbox.flows import FlowRecord
 from tapbox.textescape import escape
 
 if TYPE_CHECKING:
-    from tapbox.dns import DnsEvent
     from tapbox.eventlog import EventLog
     from tapbox.learn import Learner
+    from tapbox.net.dns import DnsEvent
     from tapbox.summary import Summary
 
 SummaryMode = Literal["auto", "always", "never"]

@@ -4,7 +4,7 @@ How this works
 --------------
 `AuditPolicy` is a `Policy` that says what the allowlist would decide but lets flows through:
 
-- DNS: a name with no rule is answered as if `WOULD_DENY` admitted it: tapbox.dns resolves it
+- DNS: a name with no rule is answered as if `WOULD_DENY` admitted it: tapbox.net.dns resolves it
   upstream and reports the query with the verdict "would-deny". The addresses it learns are
   kept in a separate shadow `Policy`, so they are never mixed with what real rules admit, yet a
   later flow to one of them is named after the domain it came from.
@@ -31,7 +31,7 @@ from tapbox.policy import Decision, Policy
 
 @dataclass(frozen=True)
 class _WouldDenyRule(Rule):
-    """A stand-in rule for names no real rule admits; tapbox.dns reports "would-deny"."""
+    """A stand-in rule for names no real rule admits; tapbox.net.dns reports "would-deny"."""
 
     would_deny: ClassVar[bool] = True
 

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 from tapbox.flows import FlowRecord, ProcessInfo
 from tapbox.options import DEFAULT_LOG_LIMIT, MIN_LOG_LIMIT  # --log-limit
 
-if TYPE_CHECKING:  # tapbox.dns pulls in dnspython: `tapbox log show` does not need it
-    from tapbox.dns import DnsEvent
+if TYPE_CHECKING:  # tapbox.net.dns pulls in dnspython: `tapbox log show` does not need it
+    from tapbox.net.dns import DnsEvent
 
 LOG_VERSION = 1
 NO_RULE = "no rule"

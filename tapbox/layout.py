@@ -2,8 +2,9 @@
 
 slirp4netns' well-known layout, so users' habits carry over: the sandbox is 10.0.2.100/24 on
 tap0, its gateway 10.0.2.2 and its DNS server 10.0.2.3 are both tapbox's user-space stack; with
-IPv6, fd00::100/64, gateway fd00::2, DNS fd00::3. (netstack/, which may import nothing of
-tapbox, carries the same defaults in its InterfaceConfig.)
+IPv6, fd00::100/64, gateway fd00::2, DNS fd00::3. The stack (netstack/, which may import nothing of
+tapbox) is given these by tapbox.net.engine.sandbox_interface; its own defaults only serve its
+tests.
 """
 
 from __future__ import annotations

@@ -163,7 +163,7 @@ class _ProfileReader:
 
 
 def _check_upstream(text: str) -> None:
-    from tapbox.upstream import parse_upstream
+    from tapbox.net.upstream import parse_upstream
 
     parse_upstream(text)
 

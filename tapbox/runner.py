@@ -80,13 +80,13 @@ def _import_engine() -> None:
     lazily): done while the sandbox child sets itself up, so the two costs overlap instead of
     adding up, and before the run, when an import may find no file descriptor left to read
     its module with."""
-    import tapbox.dns  # noqa: F401
-    import tapbox.engine  # noqa: F401
     import tapbox.eventlog  # noqa: F401
+    import tapbox.net.dns  # noqa: F401
+    import tapbox.net.engine  # noqa: F401
 
 
 def _upstreams(options: RunOptions) -> list[tuple[str, int]]:
-    from tapbox.upstream import parse_upstream, upstreams_from_resolv_conf
+    from tapbox.net.upstream import parse_upstream, upstreams_from_resolv_conf
 
     if options.network.dns_upstream:
         try:
@@ -237,12 +237,11 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
                  recording: Recording, host: list[str]) -> int:
     import trio
 
-    from netstack.iface import InterfaceConfig
     from tapbox.audit import Audit
-    from tapbox.dns import DnsForwarder
-    from tapbox.engine import Engine, EngineConfig, EngineError
-    from tapbox.faults import ENV_VAR, FaultSpec
     from tapbox.guard import Guard
+    from tapbox.net.dns import DnsForwarder
+    from tapbox.net.engine import Engine, EngineConfig, EngineError, sandbox_interface
+    from tapbox.net.faults import ENV_VAR, FaultSpec
     from tapbox.policy import Policy
     from tapbox.summary import Summary
 
@@ -272,7 +271,7 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
     faults = FaultSpec.parse(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else None
     # The sandbox's TAP carries virtio-net headers; checksums are left to the kernel unless
     # the test-only fault seam is on (a corrupted frame must then fail its checksum).
-    config = EngineConfig(faults=faults, interface=InterfaceConfig(
+    config = EngineConfig(faults=faults, interface=sandbox_interface(
         mtu=options.network.mtu, isn_key=os.urandom(16), ipv6=ipv6, vnet_hdr=True,
         checksum_offload=faults is None))
     engine = Engine(sandbox.tap_fd, policy, dns, audit, config)

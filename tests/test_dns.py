@@ -1,4 +1,4 @@
-"""Tests for tapbox.dns: the sandbox's policy-checking DNS forwarder.
+"""Tests for tapbox.net.dns: the sandbox's policy-checking DNS forwarder.
 
 A fake upstream resolver (UDP + TCP on one 127.0.0.1 port) answers from a small .test zone built
 with dnspython; a fake policy admits *.example.test and refuses rebinding-style addresses.
@@ -24,7 +24,7 @@ import dns.rrset
 import pytest
 import trio
 
-from tapbox.dns import (
+from tapbox.net.dns import (
     DnsEvent,
     DnsForwarder,
     TcpDnsFramer,

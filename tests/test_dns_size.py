@@ -1,4 +1,4 @@
-"""tapbox.dns: a UDP reply never exceeds what one datagram on the link may carry.
+"""tapbox.net.dns: a UDP reply never exceeds what one datagram on the link may carry.
 
 RFC 1035 §4.2.1 and RFC 6891 §6.2.5: the reply fits the client's advertised UDP payload size
 (512 without EDNS, less than 512 counts as 512), and tapbox caps that by what the link's MTU

@@ -26,8 +26,8 @@ from scapy.layers.l2 import Ether
 
 from tapbox.allowlist import Allowlist, IPAddress
 from tapbox.audit import Audit
-from tapbox.dns import DnsForwarder
-from tapbox.engine import Engine, EngineError
+from tapbox.net.dns import DnsForwarder
+from tapbox.net.engine import Engine, EngineError
 from tapbox.policy import Decision, Policy
 from tapbox.runner import _engine_failure
 

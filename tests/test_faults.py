@@ -1,6 +1,6 @@
 """TCP through tapbox under faults injected at the frame seam (drop, duplicate, reorder, corrupt).
 
-The seam sits between the TAP device and the stack, both directions, seeded (tapbox.faults);
+The seam sits between the TAP device and the stack, both directions, seeded (tapbox.net.faults);
 the sandbox's own Linux TCP is the peer, so these are real-world recoveries on both sides.
 """
 
@@ -14,7 +14,7 @@ import pytest
 from conftest import RunClient, client_cmd
 from fakenet import FakeNet
 
-from tapbox.faults import ENV_VAR, FaultSpec
+from tapbox.net.faults import ENV_VAR, FaultSpec
 
 SIZE = 50_000_000
 FAULTS = "seed={seed},drop=0.02,dup=0.01,reorder=0.02,delay=0.005,corrupt=0.001"

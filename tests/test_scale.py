@@ -38,7 +38,7 @@ import pytest
 from conftest import CLIENT, TESTS_DIR, SpawnTapbox, kill_group
 from fakenet import FakeNet, in_internet
 
-from tapbox.engine import EngineConfig
+from tapbox.net.engine import EngineConfig
 
 TOOLS = TESTS_DIR / "sandbox_tools"
 MIB = 1024  # KiB per MiB (VmRSS is in KiB)

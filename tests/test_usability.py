@@ -21,7 +21,7 @@ from conftest import CLIENT, REPO_ROOT, RunTapbox, tapbox_env
 from fakenet import FakeNet
 
 from tapbox.allowlist import Allowlist, AllowlistError, parse_rule
-from tapbox.dns import DnsEvent, DnsForwarder
+from tapbox.net.dns import DnsEvent, DnsForwarder
 from tapbox.policy import Policy
 from tapbox.summary import Summary
 

@@ -1,6 +1,6 @@
 """Where tapbox resolves allowed names: --dns-upstream values and the host's resolv.conf.
 
-Kept apart from tapbox.dns so that reading the configuration costs no dnspython or trio
+Kept apart from tapbox.net.dns so that reading the configuration costs no dnspython or trio
 import before the sandbox is forked (start-up time).
 """
 

@@ -79,8 +79,8 @@ import dns.reversename
 import dns.rrset
 import trio
 
+from tapbox.net.upstream import parse_upstream, upstreams_from_resolv_conf
 from tapbox.policy import SANDBOX_NET4, SANDBOX_NET6
-from tapbox.upstream import parse_upstream, upstreams_from_resolv_conf
 
 __all__ = [
     "DnsEvent",
