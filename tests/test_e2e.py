@@ -382,7 +382,7 @@ def rootless_problems() -> list[str]:
                 "outside them)"
             )
     if not problems:
-        probe = _as_nobody(sys.executable, "-c", "import trio, dns.message, pyroute2, tapbox")
+        probe = _as_nobody(sys.executable, "-c", "import trio, dns.message, tapbox")
         if probe.returncode != 0:
             problems.append(
                 f"uid {NOBODY} cannot import tapbox's dependencies with {sys.executable}: "

@@ -13,12 +13,12 @@ import struct
 
 import pytest
 
-from tapbox import hostaddrs
+from tapbox import hostaddrs, rtnetlink
 from tapbox.allowlist import Allowlist, normalize_address, parse_rule
 from tapbox.auditpolicy import WOULD_DENY, AuditPolicy
 from tapbox.errors import SetupError
 from tapbox.guard import HOST_OWN, Guard
-from tapbox.hostaddrs import _parse, host_addresses
+from tapbox.hostaddrs import host_addresses
 from tapbox.policy import Policy
 
 HOST = ("192.0.2.1", "2001:db8::2", "198.51.100.7")
@@ -152,8 +152,19 @@ def test_the_host_s_addresses_are_read_from_the_kernel() -> None:
 
 def test_a_netlink_error_is_reported_and_stops_tapbox(monkeypatch: pytest.MonkeyPatch) -> None:
     error = struct.pack("=IHHII", 36, 2, 0, 1, 0) + struct.pack("=i", -1) + bytes(16)
+
+    class _Refusing:
+        def send(self, data: bytes) -> int:
+            return len(data)
+
+        def recv(self, size: int) -> bytes:
+            return error
+
+    route = rtnetlink.Route()
+    route.sock.close()
+    route.sock = _Refusing()  # type: ignore[assignment]
     with pytest.raises(OSError, match="Operation not permitted"):
-        _parse(error, [])
+        list(route.dump(rtnetlink.RTM_GETADDR, bytes(8)))
 
     def no_netlink(*args: object) -> None:
         raise PermissionError(1, "Operation not permitted")

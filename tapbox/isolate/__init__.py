@@ -9,7 +9,7 @@ How the package is laid out, in the order one sandbox comes to be:
                  itself down, waits for the word)
 - reaper.py      pid 1 afterwards: fork and exec the command, reap, forward signals, exit with it
 - namespaces.py  user namespace and id maps, then network, mount, PID, IPC, UTS; the hostname
-- tap.py         tap0: open /dev/net/tun inside the netns, configure the links (pyroute2)
+- tap.py         tap0: open /dev/net/tun inside the netns, configure the links (rtnetlink)
 - mounts.py      executing the plan's operations
 - seccomp.py     the system-call filter: policy as data, built with libseccomp (ctypes)
 - signals.py     SignalForwarder: signals sent to tapbox reach the command, Ctrl-C once

@@ -38,7 +38,7 @@ from tapbox.isolate import plan as plan_mod
 from tapbox.isolate.child import MSG_ERROR, MSG_GO, MSG_PID, MSG_READY, PID_FORMAT, child_main
 from tapbox.isolate.config import SandboxConfig
 
-# How long spawn() waits for the child to report set-up done (pyroute2's import alone is ~0.2 s).
+# How long spawn() waits for the child to report set-up done.
 SETUP_TIMEOUT = 60.0
 
 

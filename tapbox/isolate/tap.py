@@ -5,9 +5,10 @@ How this works: a TAP device belongs to the network namespace of the process tha
 (IFF_TAP | IFF_NO_PI, and IFF_VNET_HDR with TUNSETOFFLOAD(TUN_F_CSUM) so frames carry a
 virtio-net header and checksums are left to the kernel: netstack.wire.vnet). The fd goes back to
 tapbox over the control socket; the engine holds it, so the link dies with tapbox.
-`configure_links` uses pyroute2 (netlink, no `ip` binary): lo up; tap0's MTU, 10.0.2.100/24, up,
-default route via 10.0.2.2; with IPv6 also fd00::100/64 (no DAD: the address is ours alone) and
-a default route via fd00::2 (tapbox.layout).
+`configure_links` speaks rtnetlink itself (tapbox.rtnetlink: a few messages, no `ip` binary and
+no netlink library to import on the sandbox's start-up path): lo up; tap0's MTU, 10.0.2.100/24,
+up, default route via 10.0.2.2; with IPv6 also fd00::100/64 (no DAD: the address is ours alone)
+and a default route via fd00::2 (tapbox.layout).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 import struct
 
 from tapbox.errors import SetupError
@@ -28,6 +30,7 @@ from tapbox.layout import (
     TAP_PREFIXLEN,
     TAP_PREFIXLEN6,
 )
+from tapbox.rtnetlink import IFA_F_NODAD, Route
 
 TUN_DEVICE = "/dev/net/tun"
 
@@ -40,7 +43,6 @@ TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
 TUN_F_CSUM = 0x01  # we accept frames whose TCP/UDP checksum the kernel left for later
 IFNAMSIZ = 16
 _IFREQ = struct.Struct(f"{IFNAMSIZ}sH22x")  # struct ifreq: name, ifr_flags, union padding (40 B)
-_IFA_F_NODAD = 0x02  # the address is ours alone on this link: skip duplicate detection
 
 
 def open_tap(host: Host, vnet_hdr: bool) -> int:
@@ -79,38 +81,31 @@ def open_tap(host: Host, vnet_hdr: bool) -> int:
 
 
 def configure_links(host: Host, network: bool, mtu: int, ipv6: bool) -> None:
-    """lo up; with `network`, tap0 addressed and up with default routes."""
-    try:
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.exceptions import NetlinkError
-    except ImportError as e:
-        raise SetupError(
-            f"tapbox: cannot import pyroute2 ({e}): install it (pip install pyroute2)"
-        ) from None
+    """lo up; with `network`, tap0 addressed and up with default routes (tapbox.layout)."""
     step = "bringing lo up"
     try:
-        with IPRoute() as ipr:
-            ipr.link("set", index=1, state="up")  # lo is always ifindex 1 in a new netns
+        with Route() as route:
+            route.set_link(1, up=True)  # lo is always ifindex 1 in a new netns
             if not network:
                 return
             step = f"configuring {TAP_NAME}"
-            (index,) = ipr.link_lookup(ifname=TAP_NAME)
-            ipr.link("set", index=index, mtu=mtu)
-            ipr.addr("add", index=index, address=TAP_ADDRESS, prefixlen=TAP_PREFIXLEN)
-            ipr.link("set", index=index, state="up")
+            index = socket.if_nametoindex(TAP_NAME)
+            route.set_link(index, mtu=mtu)
+            route.add_address(index, TAP_ADDRESS, TAP_PREFIXLEN)
+            route.set_link(index, up=True)
             step = f"adding the default route via {GATEWAY_ADDRESS}"
-            ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY_ADDRESS)
+            route.add_default_route(GATEWAY_ADDRESS, index)
             if ipv6:
                 step = f"configuring IPv6 on {TAP_NAME} (use --ipv6 off if IPv6 is disabled)"
-                ipr.addr("add", index=index, address=TAP_ADDRESS6, prefixlen=TAP_PREFIXLEN6,
-                         flags=_IFA_F_NODAD)
-                ipr.route("add", dst="::/0", gateway=GATEWAY_ADDRESS6, oif=index)
-    except NetlinkError as e:
-        if e.code == errno.EPERM:
-            raise SetupError(eperm_failure(f"{step}: {e}", host)) from None
-        if e.code == errno.EINVAL and step.startswith("configuring"):
+                route.add_address(index, TAP_ADDRESS6, TAP_PREFIXLEN6, IFA_F_NODAD)
+                route.add_default_route(GATEWAY_ADDRESS6, index)
+    except OSError as e:
+        code = e.errno or 0
+        if code == errno.EPERM:
+            raise SetupError(eperm_failure(f"{step}: {e.strerror}", host)) from None
+        if code == errno.EINVAL and step.startswith("configuring"):
             raise SetupError(
-                f"tapbox: {step}: {os.strerror(e.code)}: is the MTU {mtu} valid "
+                f"tapbox: {step}: {os.strerror(code)}: is the MTU {mtu} valid "
                 "(68..65521 for a TAP)?"
             ) from None
-        raise SetupError(f"tapbox: {step} failed: {os.strerror(e.code)}") from None
+        raise SetupError(f"tapbox: {step} failed: {e.strerror or e}") from None
