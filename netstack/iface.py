@@ -427,7 +427,7 @@ class Interface:
         conn = self.connection(flow)
         return conn.send(data, now) if conn is not None else 0
 
-    def tcp_recv(self, flow: ev.Flow, max_bytes: int) -> bytes:
+    def tcp_recv(self, flow: ev.Flow, max_bytes: int) -> bytes | bytearray:
         """Take in-order data the sandbox sent (b"" when none is waiting)."""
         conn = self.connection(flow)
         return conn.recv(max_bytes) if conn is not None else b""

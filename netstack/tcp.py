@@ -229,14 +229,19 @@ class TcpConnection:
             self._output(now)
         return n
 
-    def recv(self, max_bytes: int) -> bytes:
-        """Take up to `max_bytes` of in-order data; opens the window by as much."""
+    def recv(self, max_bytes: int) -> bytes | bytearray:
+        """Take up to `max_bytes` of in-order data; opens the window by as much. When all of
+        the buffer is taken, the buffer itself is handed over (no copy)."""
         if not self.rcv_buf:
             self.readable_flagged = False
             return b""
         was_window = self._rcv_window()
-        data = bytes(self.rcv_buf[:max_bytes])
-        del self.rcv_buf[:max_bytes]
+        data: bytes | bytearray
+        if max_bytes >= len(self.rcv_buf):
+            data, self.rcv_buf = self.rcv_buf, bytearray()
+        else:
+            data = bytes(memoryview(self.rcv_buf)[:max_bytes])
+            del self.rcv_buf[:max_bytes]
         if not self.rcv_buf:
             self.readable_flagged = False
         # Window update (RFC 9293 §3.8.6.2.2, receiver-side SWS avoidance): announce the
