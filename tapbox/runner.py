@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from tapbox.audit import Audit
     from tapbox.eventlog import EventLog
     from tapbox.learn import Learner
+    from tapbox.net.dns import DnsForwarder, Pending
     from tapbox.pcap import PcapWriter
 
 DRAIN_TIMEOUT = 10.0  # seconds open connections may take to finish after the command exits
@@ -76,13 +77,46 @@ def _raise_fd_limit() -> None:
 
 
 def _import_engine() -> None:
-    """The engine's imports (trio, dnspython, the stack, and what the audit layer imports
-    lazily): done while the sandbox child sets itself up, so the two costs overlap instead of
-    adding up, and before the run, when an import may find no file descriptor left to read
-    its module with."""
+    """The engine's imports (trio, the stack, and what the audit layer imports lazily): done
+    while the sandbox child sets itself up, so the two costs overlap instead of adding up, and
+    before the run, when an import may find no file descriptor left to read its module with.
+    The DNS forwarder (dnspython) is imported once the command runs (`_Forwarder`)."""
     import tapbox.eventlog  # noqa: F401
-    import tapbox.net.dns  # noqa: F401
     import tapbox.net.engine  # noqa: F401
+
+
+class _Forwarder:
+    """The DNS forwarder, built on first use: its module imports dnspython (about 0.1 s), so
+    the import starts in a thread once the command runs (`warm`), off the start-up path; a
+    query that comes first waits for it."""
+
+    def __init__(self, build: Callable[[], DnsForwarder]) -> None:
+        self._build = build
+        self._real: DnsForwarder | None = None
+
+    def warm(self) -> None:
+        import threading
+
+        threading.Thread(target=_import_dns, name="tapbox-dns-import", daemon=True).start()
+
+    def _get(self) -> DnsForwarder:
+        if self._real is None:
+            self._real = self._build()
+        return self._real
+
+    def answer_now(self, query: bytes, *, tcp: bool = False,
+                   udp_limit: int = 65535) -> bytes | None | Pending:
+        return self._get().answer_now(query, tcp=tcp, udp_limit=udp_limit)
+
+    async def complete(self, pending: Pending) -> bytes:
+        return await self._get().complete(pending)
+
+
+def _import_dns() -> None:
+    try:
+        import tapbox.net.dns  # noqa: F401
+    except Exception:  # (no file descriptor left, say): met again, and reported, on first use
+        pass
 
 
 def _upstreams(options: RunOptions) -> list[tuple[str, int]]:
@@ -239,7 +273,6 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
 
     from tapbox.audit import Audit
     from tapbox.guard import Guard
-    from tapbox.net.dns import DnsForwarder
     from tapbox.net.engine import Engine, EngineConfig, EngineError, sandbox_interface
     from tapbox.net.faults import ENV_VAR, FaultSpec
     from tapbox.policy import Policy
@@ -267,7 +300,12 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
         policy: Policy = AuditPolicy(Allowlist(rules), guard=guard)
     else:
         policy = Policy(Allowlist(rules), guard=guard)
-    dns = DnsForwarder(policy, upstreams, on_event=audit.dns, aaaa=ipv6)
+    def forwarder() -> DnsForwarder:
+        from tapbox.net.dns import DnsForwarder
+
+        return DnsForwarder(policy, upstreams, on_event=audit.dns, aaaa=ipv6)
+
+    dns = _Forwarder(forwarder)
     faults = FaultSpec.parse(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else None
     # The sandbox's TAP carries virtio-net headers; checksums are left to the kernel unless
     # the test-only fault seam is on (a corrupted frame must then fail its checksum).
@@ -290,6 +328,7 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
                 await nursery.start(attributor.run)
             await nursery.start(engine.run)
             sandbox.start()
+            dns.warm()
             status = await sandbox.wait()
             # The command may have closed sockets whose data its kernel is still sending:
             # keep serving until those connections finish, for a bounded time.

@@ -27,10 +27,10 @@ import trio
 from tapbox.net.dns import (
     DnsEvent,
     DnsForwarder,
-    TcpDnsFramer,
     parse_upstream,
     upstreams_from_resolv_conf,
 )
+from tapbox.net.dnsstream import TcpDnsFramer
 
 # --------------------------------------------------------------------------------- fake zone
 

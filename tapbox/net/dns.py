@@ -34,7 +34,10 @@ judged, and a fresh query is built for the upstream resolver.
    upstream when the UDP answer has TC set.  The exchange uses trio sockets directly (dnspython
    builds and parses the messages; its trio backend needs a newer trio than tapbox supports).
    ``timeout`` bounds the whole call: each upstream gets an equal share of the time left.
-   All fail -> SERVFAIL.
+   All fail -> SERVFAIL.  Answers are kept in a :class:`DnsCache` for their TTL, so a
+   repeated query is answered without asking again (after steps 1-4, which run every time).
+   ``answer_now`` answers everything that needs no upstream without waiting (the engine's
+   loop calls it; ``complete`` does the rest); ``answer`` is both in one.
 6. From the upstream answer, the CNAME chain is followed from the asked name (RFC 1034 §3.6.2,
    §4.3.2; at most 16 hops, loop-safe) and the A/AAAA records owned by the name at its end are
    handed to ``policy.learn`` under the *asked* name's rules.  Addresses the policy refuses
@@ -64,6 +67,7 @@ import ipaddress
 import logging
 import socket
 import struct
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -79,13 +83,13 @@ import dns.reversename
 import dns.rrset
 import trio
 
+from tapbox.net.dnsstream import TCP_MAX, TcpDnsFramer
 from tapbox.net.upstream import parse_upstream, upstreams_from_resolv_conf
 from tapbox.policy import SANDBOX_NET4, SANDBOX_NET6
 
 __all__ = [
     "DnsEvent",
     "DnsForwarder",
-    "TcpDnsFramer",
     "parse_upstream",
     "upstreams_from_resolv_conf",
 ]
@@ -96,8 +100,6 @@ log = logging.getLogger(__name__)
 EDNS_PAYLOAD = 1232
 # RFC 1035 §4.2.1: UDP messages are limited to 512 bytes unless EDNS (RFC 6891) says more.
 UDP_CLASSIC_MAX = 512
-# RFC 1035 §4.2.2: TCP messages carry a 16-bit length, so at most 65535 bytes.
-TCP_MAX = 65535
 # How far a CNAME chain is followed (RFC 1034 §3.6.2 says chains should not exist at all...).
 MAX_CNAME_HOPS = 16
 # RFC 1035 §4.1.1: the header is 12 bytes.
@@ -168,6 +170,97 @@ class _UpstreamFailed(Exception):
     pass
 
 
+CacheKey = tuple[str, int, bool]  # (name, lowercased; query type; DNSSEC records wanted)
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A query that needs an answer from upstream, as `DnsForwarder._prepare` judged it."""
+
+    query: dns.message.Message
+    tcp: bool
+    udp_limit: int
+    limit: int  # the reply's size limit
+    name: str
+    qtype: str
+    rules: Sequence[_Rule]
+    rule_text: str
+    verdict: Literal["allowed", "would-deny"]
+    lower: dns.name.Name  # the name as asked upstream
+    rdtype: dns.rdatatype.RdataType
+    key: CacheKey
+
+
+class DnsCache:
+    """Upstream answers kept for as long as their TTLs say, so a repeated query is answered
+    without asking upstream again.
+
+    What is kept is the upstream's message, never a reply to the sandbox: every query is still
+    judged by the policy first (a name denied now is denied, whatever was cached), and every
+    cached answer goes through the same address learning and guard as a fresh one. Keyed by
+    the lowercased name, the query type and whether DNSSEC records were asked for (the only
+    things the upstream query depends on). Kept: NOERROR answers for the smallest TTL in them
+    (RFC 1035 §3.2.1, RFC 2181 §5.2), and negative answers (NXDOMAIN, NODATA) for their SOA's
+    negative TTL (RFC 2308 §5); nothing without a TTL, nothing for longer than `max_ttl`, no
+    failure. When served, TTLs count down by the time spent in the cache (RFC 1035 §4.1.3).
+    At most `size` entries; the least recently used goes first.
+    """
+
+    def __init__(self, size: int = 1024, max_ttl: float = 3600.0) -> None:
+        self.size = size
+        self.max_ttl = max_ttl
+        self._entries: OrderedDict[CacheKey, tuple[dns.message.Message, float, float]] = \
+            OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, key: CacheKey, message: dns.message.Message, now: float) -> None:
+        ttl = min(_cache_ttl(message), self.max_ttl)
+        if ttl <= 0 or self.size <= 0:
+            return
+        self._entries[key] = (message, now, now + ttl)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def get(self, key: CacheKey, now: float) -> dns.message.Message | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        message, stored, expires = entry
+        if now >= expires:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        aged = int(now - stored)
+        if aged <= 0:
+            return message
+        copy = dns.message.Message(id=message.id)
+        copy.flags = message.flags
+        copy.set_rcode(message.rcode())
+        for section in ("answer", "authority", "additional"):
+            rrsets = []
+            for rrset in getattr(message, section):
+                rrset = rrset.copy()
+                rrset.ttl = max(0, rrset.ttl - aged)
+                rrsets.append(rrset)
+            setattr(copy, section, rrsets)
+        return copy
+
+
+def _cache_ttl(message: dns.message.Message) -> float:
+    """How long an upstream answer may be kept (0: not at all)."""
+    rcode = message.rcode()
+    if rcode == dns.rcode.NOERROR and message.answer:
+        return float(min(rrset.ttl for rrset in (*message.answer, *message.authority)))
+    if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+        for rrset in message.authority:
+            if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+                return float(min(rrset.ttl, next(iter(rrset)).minimum))
+    return 0.0
+
+
 class DnsForwarder:
     """Answers the sandbox's DNS queries: policy check, upstream resolution, address learning."""
 
@@ -181,6 +274,7 @@ class DnsForwarder:
         on_event: Callable[[DnsEvent], None] | None = None,
         aaaa: bool = True,
         max_concurrent: int = 64,
+        cache: DnsCache | None = None,
     ) -> None:
         self.policy = policy
         self.upstreams = list(upstreams)
@@ -188,6 +282,7 @@ class DnsForwarder:
         self.timeout = timeout
         self.on_event = on_event
         self.aaaa = aaaa
+        self.cache = cache if cache is not None else DnsCache()
         self._limiter = trio.CapacityLimiter(max_concurrent)
         self._max_waiting = max_concurrent
 
@@ -202,6 +297,15 @@ class DnsForwarder:
         datagram to the client can carry), with TC set.  Returns ``None`` when the message is
         not a query whose header can be read: the caller drops it.
         """
+        result = self.answer_now(query, tcp=tcp, udp_limit=udp_limit)
+        if isinstance(result, Pending):
+            return await self.complete(result)
+        return result
+
+    def answer_now(self, query: bytes, *, tcp: bool = False,
+                   udp_limit: int = TCP_MAX) -> bytes | None | Pending:
+        """As `answer`, without waiting: the reply, or a `Pending` query for `complete` when
+        the answer must come from upstream (it is not in the cache)."""
         if len(query) < HEADER_LEN:
             return None
         qid, qflags = struct.unpack_from("!HH", query)
@@ -213,18 +317,44 @@ class DnsForwarder:
             self._emit(DnsEvent("", "", "error", None))
             return _header_only(qid, qflags, dns.rcode.FORMERR)
         try:
-            return await self._answer_message(msg, tcp, udp_limit)
+            prepared = self._prepare(msg, tcp, udp_limit)
+            if isinstance(prepared, Pending):
+                cached = self.cache.get(prepared.key, self.clock())
+                if cached is not None:
+                    return self._finish(prepared, cached)
+            return prepared
         except Exception:
-            log.exception("DNS: internal error answering query %d", qid)
-            self._emit(DnsEvent(*_describe(msg), "error", None))
-            try:
-                limit = self._size_limit(msg, tcp, udp_limit)
-                return _render(_reply(msg, dns.rcode.SERVFAIL), limit)
-            except Exception:
-                return _header_only(qid, qflags, dns.rcode.SERVFAIL)
+            return self._internal_error(msg, qid, qflags, tcp, udp_limit)
 
-    async def _answer_message(self, query: dns.message.Message, tcp: bool,
-                              udp_limit: int) -> bytes:
+    async def complete(self, pending: Pending) -> bytes:
+        """The reply to a query `answer_now` could not answer at once: ask upstream."""
+        query = pending.query
+        try:
+            try:
+                upstream = await self._resolve(query, pending.lower, pending.rdtype)
+            except _UpstreamFailed as exc:
+                self._emit(DnsEvent(pending.name, pending.qtype, "error", pending.rule_text,
+                                    reason=f"upstream failed ({exc})"))
+                return _render(_reply(query, dns.rcode.SERVFAIL), pending.limit)
+            self.cache.put(pending.key, upstream, self.clock())
+            return self._finish(pending, upstream)
+        except Exception:
+            return self._internal_error(query, query.id, query.flags, pending.tcp,
+                                        pending.udp_limit)
+
+    def _internal_error(self, msg: dns.message.Message, qid: int, qflags: int, tcp: bool,
+                        udp_limit: int) -> bytes:
+        log.exception("DNS: internal error answering query %d", qid)
+        self._emit(DnsEvent(*_describe(msg), "error", None))
+        try:
+            limit = self._size_limit(msg, tcp, udp_limit)
+            return _render(_reply(msg, dns.rcode.SERVFAIL), limit)
+        except Exception:
+            return _header_only(qid, qflags, dns.rcode.SERVFAIL)
+
+    def _prepare(self, query: dns.message.Message, tcp: bool,
+                 udp_limit: int) -> bytes | Pending:
+        """Everything decided without upstream: a reply, or what to ask upstream."""
         limit = self._size_limit(query, tcp, udp_limit)
         if query.opcode() != dns.opcode.QUERY:
             self._emit(DnsEvent(*_describe(query), "error", None))
@@ -255,6 +385,7 @@ class DnsForwarder:
             self._emit(DnsEvent(shown, qtype, "local", None, reason=LOCAL_REASON))
             return _render(_local_answer(query, qname, question.rdtype, local), limit)
 
+        # The policy is asked on every query, cached or not: a denial is never a cache entry.
         rules = list(self.policy.name_allowed(name)) if name is not None else []
         if name is None or not rules:
             why = "no rule" if name is not None else "not a name a rule can admit"
@@ -275,14 +406,17 @@ class DnsForwarder:
             return _render(_reply(query, dns.rcode.NOERROR), limit)
 
         # Upstream sees the name in lower case, whatever case the sandbox used.
-        lower = dns.name.from_text(name + ".")
-        try:
-            upstream = await self._resolve(query, lower, question.rdtype)
-        except _UpstreamFailed as exc:
-            self._emit(DnsEvent(name, qtype, "error", rule_text,
-                                reason=f"upstream failed ({exc})"))
-            return _render(_reply(query, dns.rcode.SERVFAIL), limit)
+        want_dnssec = bool(query.ednsflags & dns.flags.DO)
+        return Pending(query, tcp, udp_limit, limit, name, qtype, rules, rule_text, verdict,
+                       dns.name.from_text(name + "."), question.rdtype,
+                       (name, int(question.rdtype), want_dnssec))
 
+    def _finish(self, pending: Pending, upstream: dns.message.Message) -> bytes:
+        """The reply from an upstream answer (fresh or cached): addresses learned by the
+        policy, those it refuses removed."""
+        query, limit, name, qtype = pending.query, pending.limit, pending.name, pending.qtype
+        rule_text = pending.rule_text
+        qname = query.question[0].name
         rcode = upstream.rcode()
         if rcode > 0xF and query.edns < 0:
             # An extended RCODE cannot be expressed to a client without EDNS.
@@ -305,7 +439,7 @@ class DnsForwarder:
 
         refused: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
         if found:
-            refused_text = self.policy.learn(name, rules, found, now=self.clock())
+            refused_text = self.policy.learn(name, pending.rules, found, now=self.clock())
             refused = {ip for a in refused_text if (ip := _ip(a)) is not None}
         admitted = tuple(dict.fromkeys(a for a, _ in found if _ip(a) not in refused))
         guarded = tuple(dict.fromkeys(a for a, _ in found if _ip(a) in refused))
@@ -322,7 +456,7 @@ class DnsForwarder:
         wants_ad = bool(query.flags & dns.flags.AD) or bool(query.ednsflags & dns.flags.DO)
         if upstream.flags & dns.flags.AD and wants_ad and not modified:
             reply.flags |= dns.flags.AD
-        self._emit(DnsEvent(name, qtype, verdict, rule_text, admitted, guarded))
+        self._emit(DnsEvent(name, qtype, pending.verdict, rule_text, admitted, guarded))
         return _render(reply, limit)
 
     # -------------------------------------------------------------------------------- upstream
@@ -586,47 +720,3 @@ async def _exchange_tcp(q: dns.message.Message, host: str, port: int) -> dns.mes
                 if r is None:
                     raise _BadUpstreamReply("truncated reply over TCP")
                 return r
-
-
-# ------------------------------------------------------------------------------ TCP framing
-
-
-class TcpDnsFramer:
-    """Splits a DNS-over-TCP byte stream into messages (RFC 1035 §4.2.2, RFC 7766 §8).
-
-    Each message is preceded by a two-byte big-endian length, so no message exceeds 65535 bytes
-    and the buffer never holds more than one partial message (65535 + 2 bytes) between calls.
-    Zero-length frames carry no message and are skipped.
-    """
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[bytes]:
-        """Add received bytes; return the messages they complete, in order."""
-        self._buf += data
-        out: list[bytes] = []
-        pos = 0
-        buf = self._buf
-        while len(buf) - pos >= 2:
-            (length,) = struct.unpack_from("!H", buf, pos)
-            if len(buf) - pos - 2 < length:
-                break
-            if length:
-                out.append(bytes(buf[pos + 2 : pos + 2 + length]))
-            pos += 2 + length
-        if pos:
-            del buf[:pos]
-        return out
-
-    @property
-    def pending(self) -> int:
-        """Bytes held for a message not yet complete."""
-        return len(self._buf)
-
-    @staticmethod
-    def frame(message: bytes) -> bytes:
-        """Prefix a message with its length; ValueError if it is longer than 65535 bytes."""
-        if len(message) > TCP_MAX:
-            raise ValueError(f"DNS message of {len(message)} bytes exceeds 65535")
-        return struct.pack("!H", len(message)) + message

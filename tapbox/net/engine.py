@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -49,7 +49,6 @@ from tapbox import layout
 from tapbox.attribution import Attributor
 from tapbox.audit import Audit
 from tapbox.flows import FlowRecord
-from tapbox.net.dns import DnsForwarder
 from tapbox.net.dnsstream import DnsStream
 from tapbox.net.faults import FaultInjector, FaultSpec
 from tapbox.net.link import CapturedLink, EngineError, FaultyLink, Link, TapLink
@@ -58,6 +57,19 @@ from tapbox.net.relay import DatagramEvent, DatagramRelay, RefusedFlows
 from tapbox.net.tcpproxy import TcpProxy
 from tapbox.pcap import PcapWriter
 from tapbox.policy import SANDBOX_NET4, SANDBOX_NET6, Decision, Policy
+
+if TYPE_CHECKING:
+    from tapbox.net.dns import Pending
+
+
+class Forwarder(Protocol):
+    """Answers the sandbox's DNS queries (tapbox.net.dns.DnsForwarder, whose module imports
+    dnspython: the runner builds it on first use)."""
+
+    def answer_now(self, query: bytes, *, tcp: bool = False,
+                   udp_limit: int = 65535) -> bytes | None | Pending: ...
+
+    async def complete(self, pending: Pending) -> bytes: ...
 
 __all__ = ["Engine", "EngineConfig", "EngineError", "sandbox_interface"]
 
@@ -85,7 +97,7 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, tap_fd: int, policy: Policy, forwarder: DnsForwarder, audit: Audit,
+    def __init__(self, tap_fd: int, policy: Policy, forwarder: Forwarder, audit: Audit,
                  config: EngineConfig | None = None) -> None:
         self.tap_fd = tap_fd
         self.policy = policy
@@ -337,14 +349,20 @@ class Engine:
         self.stack.udp_unreachable(latest)
 
     def _answer_dns(self, datagram: ev.UdpDatagram) -> None:
+        """A query to the DNS address: answered in this pass when no upstream is needed."""
         limit = self.stack.udp_payload_limit(datagram.flow)
 
         def then(reply: bytes | None) -> None:
             if reply is not None:
                 self.stack.udp_send(datagram.flow, reply)
 
-        self.reactor.later(lambda: self.forwarder.answer(datagram.payload, udp_limit=limit),
-                           then, _FlowOwner(self, datagram.flow))
+        reply = self.forwarder.answer_now(datagram.payload, udp_limit=limit)
+        if reply is None or isinstance(reply, bytes):
+            then(reply)
+            return
+        pending = reply
+        self.reactor.later(lambda: self.forwarder.complete(pending), then,
+                           _FlowOwner(self, datagram.flow))
 
     def _on_echo(self, request: ev.IcmpEchoRequest) -> None:
         """Ping through an unprivileged ICMP socket (the kernel sets the identifier)."""
