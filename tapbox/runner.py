@@ -344,7 +344,7 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
             recording.learner = None
         status = EXIT_TAPBOX_FAILED
     finally:
-        os.close(sandbox.tap_fd)
+        _release_tap(sandbox.tap_fd)
         drops = engine.drop_counts()
         if record.verbose and drops:
             from tapbox.dropreasons import summarize
@@ -352,6 +352,21 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
             audit.say(summarize(drops))
         _finish(audit, recording, status, drops)
     return _learn(audit, recording, status)
+
+
+def _release_tap(fd: int) -> None:
+    """Close the TAP fd without waiting for the kernel to tear tap0 down: closing the last
+    copy unregisters the device before close() returns (RCU grace periods, 25-100 ms), and
+    tapbox's exit would wait for that. A short-lived `true` gets a copy and is the one to
+    close it last, as it exits. (If it cannot be started, or exits first, the close is ours.)"""
+    import subprocess
+
+    try:
+        subprocess.Popen(["true"], pass_fds=(fd,), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        pass
+    os.close(fd)
 
 
 def _engine_failure(exc: BaseException, engine_error: type[Exception]) -> str:
