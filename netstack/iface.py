@@ -132,6 +132,8 @@ class Interface:
         self._timers: list[tuple[float, int, TcpConnection]] = []
         self._timer_seq = itertools.count()
         self._ident = 0
+        self._eth_mac = b""  # the sandbox MAC _eth4/_eth6 were built for
+        self._eth4 = self._eth6 = b""
 
     # ----- input ----------------------------------------------------------------------------
 
@@ -329,8 +331,10 @@ class Interface:
         return None
 
     def _tcp(self, src: bytes, dst: bytes, body: memoryview, now: float) -> str | None:
-        seg = tcp.parse(body, checksum.pseudo_header_sum(src, dst, ipv4.PROTO_TCP, len(body)),
-                        verify=not self.trusted)
+        trusted = self.trusted
+        seg = tcp.parse(body, 0 if trusted else
+                        checksum.pseudo_header_sum(src, dst, ipv4.PROTO_TCP, len(body)),
+                        verify=not trusted)
         if isinstance(seg, str):
             return seg
         if seg.sport == 0 or seg.dport == 0:
@@ -621,10 +625,6 @@ class Interface:
                                  key=self.config.isn_key[:32], digest_size=4).digest()
         return (int(now * 250_000) + int.from_bytes(digest, "big")) & 0xFFFFFFFF
 
-    def _next_ident(self) -> int:
-        self._ident = (self._ident + 1) & 0xFFFF
-        return self._ident
-
     def _emit_tcp(self, key: _Key, flags: int, seqno: int, ackno: int, window: int,
                   payload: bytes | bytearray | memoryview = b"", options: bytes = b"") -> None:
         sandbox_ip, sandbox_port, remote_ip, remote_port = key
@@ -674,14 +674,16 @@ class Interface:
                        payload_len: int, hop_limit: int = ipv6.DEFAULT_HOP_LIMIT) -> None:
         """Ethernet and IP headers after the (zeroed: no offload) virtio-net header, if any."""
         mac = self.sandbox_mac or ethernet.BROADCAST
+        if mac != self._eth_mac:  # the Ethernet headers change only with the sandbox's MAC
+            self._eth_mac = mac
+            self._eth4 = ethernet.header(mac, self.config.gateway_mac, ethernet.ETHERTYPE_IPV4)
+            self._eth6 = ethernet.header(mac, self.config.gateway_mac, ethernet.ETHERTYPE_IPV6)
         eth, ip_start = self.prefix, self.prefix + ethernet.HEADER_LEN
         if len(src) == 4:
-            frame[eth:ip_start] = ethernet.header(mac, self.config.gateway_mac,
-                                                  ethernet.ETHERTYPE_IPV4)
-            frame[ip_start:ip_start + ipv4.MIN_HEADER_LEN] = ipv4.header(
-                src, dst, proto, payload_len, self._next_ident())
+            frame[eth:ip_start] = self._eth4
+            self._ident = ident = (self._ident + 1) & 0xFFFF
+            ipv4.header_into(frame, ip_start, src, dst, proto, payload_len, ident)
         else:
-            frame[eth:ip_start] = ethernet.header(mac, self.config.gateway_mac,
-                                                  ethernet.ETHERTYPE_IPV6)
+            frame[eth:ip_start] = self._eth6
             frame[ip_start:ip_start + ipv6.HEADER_LEN] = ipv6.header(src, dst, proto,
                                                                      payload_len, hop_limit)

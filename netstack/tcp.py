@@ -47,6 +47,10 @@ class State(enum.Enum):
     LAST_ACK = "LAST-ACK"
     CLOSED = "CLOSED"
 
+    # Members are singletons: hash them by identity, in C (Enum's __hash__ is Python code,
+    # and the state sets below are consulted for every segment).
+    __hash__ = object.__hash__
+
 
 # States in which the peer may still send us data (RFC 9293 §3.10.7.4, "seventh, process the
 # segment text").
@@ -54,6 +58,7 @@ _RECEIVING = frozenset({State.ESTABLISHED, State.FIN_WAIT_1, State.FIN_WAIT_2})
 # States in which we may still send data, and in which the caller may still queue it.
 _SENDING = frozenset({State.ESTABLISHED, State.CLOSE_WAIT})
 _QUEUEING = _SENDING | {State.SYN_RECEIVED}
+_NOT_SENDING = frozenset({State.SYN_RECEIVED, State.CLOSED, State.TIME_WAIT})
 
 DEFAULT_MSS_IPV4 = 536  # RFC 9293 §3.7.1: assumed when the SYN carries no MSS option
 DEFAULT_MSS_IPV6 = 1220  # RFC 8200 §5 minimum MTU 1280, less the IPv6 and TCP headers
@@ -271,11 +276,15 @@ class TcpConnection:
 
     def _output(self, now: float) -> None:
         """Send what the peer's window allows from SND.NXT on, then the FIN if one is due."""
-        if self.state in (State.SYN_RECEIVED, State.CLOSED, State.TIME_WAIT):
+        if self.state in _NOT_SENDING:
             return
-        wnd_end = seq.add(self.snd_una, self.snd_wnd)
         offset = seq.diff(self.snd_nxt, self.buf_seq)
         total = len(self.snd_buf)
+        if offset >= total and not self.fin_queued:  # nothing to send (the usual ACK)
+            if self.persist_at is not None:
+                self._update_persist(now)
+            return
+        wnd_end = seq.add(self.snd_una, self.snd_wnd)
         sent_any = False
         while offset < total:
             usable = seq.diff(wnd_end, self.snd_nxt)

@@ -21,6 +21,7 @@ OFFSET_MASK = 0x1FFF
 DEFAULT_TTL = 64
 
 _HDR = struct.Struct("!BBHHHBBH4s4s")
+_CSUM = struct.Struct("!H")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +50,22 @@ def parse(pkt: bytes | memoryview) -> Ipv4Header | str:
     hlen = (vihl & 0x0F) * 4
     if hlen < MIN_HEADER_LEN or total < hlen or total > len(pkt):
         return "ipv4-bad-length"
-    if not checksum.verify(pkt[:hlen]):
+    # RFC 1071 (checksum.verify, inlined): the header, its checksum included, sums to 0xFFFF.
+    value = int.from_bytes(pkt[:hlen], "big")
+    if not value or value % 0xFFFF:
         return "ipv4-bad-checksum"
     return Ipv4Header(hlen, total, ident, frag, ttl, proto, src, dst)
+
+
+def header_into(buf: bytearray, off: int, src: bytes, dst: bytes, proto: int,
+                payload_len: int, ident: int, ttl: int = DEFAULT_TTL) -> None:
+    """`header`, written at buf[off:off + 20] (no intermediate bytes object)."""
+    _HDR.pack_into(buf, off, 0x45, 0, MIN_HEADER_LEN + payload_len, ident & 0xFFFF, FLAG_DF,
+                   ttl, proto, 0, src, dst)
+    # RFC 1071 over the 20 bytes (checksum.finish(checksum.ones_sum(...)), inlined: a header
+    # is never all zeros, so the folded sum 0 stands for 0xFFFF and both give 0).
+    folded = int.from_bytes(buf[off:off + MIN_HEADER_LEN], "big") % 0xFFFF
+    _CSUM.pack_into(buf, off + 10, ~folded & 0xFFFF if folded else 0)
 
 
 def header(src: bytes, dst: bytes, proto: int, payload_len: int, ident: int,
