@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from netstack import events as ev
 from netstack.iface import Interface
+from netstack.tcp import TcpConnection
 from tapbox.flows import FlowRecord
 from tapbox.net.reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Reactor, Timer
 
@@ -60,6 +61,9 @@ class TcpProxy:
         self.sock: pysocket.socket | None = None
         self.fd = -1
         self.timer: Timer | None = None
+        # The stack's connection, once accepted: the pumps use it directly (the flow's handle,
+        # as a socket is a program's), instead of looking it up by flow for every call.
+        self.conn: TcpConnection | None = None
         self.pending = memoryview(b"")  # taken from the stack, not yet taken by the host socket
         self.shut_wr = False  # the sandbox's end of stream was passed on to the host
         self.host_eof = False  # the host's end of stream was passed on to the sandbox
@@ -113,6 +117,7 @@ class TcpProxy:
         if not self.stack.tcp_accept(self.flow, self.reactor.now()):
             self.finish("given up by the sandbox")
             return
+        self.conn = self.stack.connection(self.flow)
         self.state = OPEN
         self._watch()
 
@@ -154,13 +159,13 @@ class TcpProxy:
 
     def to_host(self) -> None:
         """Sandbox -> host: as much as the host socket takes now."""
-        sock, stack, flow = self.sock, self.stack, self.flow
-        assert sock is not None
+        sock, conn = self.sock, self.conn
+        assert sock is not None and conn is not None
         while True:
             if not self.pending:
-                data = stack.tcp_recv(flow, PUMP_CHUNK)
+                data = conn.recv(PUMP_CHUNK)
                 if not data:
-                    if not self.shut_wr and stack.tcp_at_eof(flow):
+                    if not self.shut_wr and conn.at_eof:
                         self.shut_wr = True
                         try:
                             sock.shutdown(pysocket.SHUT_WR)
@@ -186,11 +191,11 @@ class TcpProxy:
 
     def from_host(self) -> None:
         """Host -> sandbox: one read, as much as the stack has room for."""
-        sock, stack, flow = self.sock, self.stack, self.flow
-        assert sock is not None
-        space = stack.tcp_send_space(flow)
+        sock, conn = self.sock, self.conn
+        assert sock is not None and conn is not None
+        space = conn.send_space
         if space == 0 or self.host_eof:
-            if stack.connection(flow) is None:
+            if self.stack.connection(self.flow) is not conn:  # the stack is done with it
                 self.finish("closed")
             else:
                 self._watch()
@@ -205,13 +210,13 @@ class TcpProxy:
         now = self.reactor.now()
         if not data:
             self.host_eof = True
-            stack.tcp_close(flow, now)
+            conn.close(now)
             if self.shut_wr and not self.pending:
                 self.finish("closed")
                 return
             self._watch()
             return
-        stack.tcp_send(flow, data, now)
+        conn.send(data, now)
         self.record.bytes_in += len(data)
         if len(data) == space:
             self._watch()
@@ -219,7 +224,7 @@ class TcpProxy:
     def _watch(self) -> None:
         """Wait on the host socket for what the pumps need now."""
         mask = EPOLLOUT if self.pending else 0
-        if not self.host_eof and self.stack.tcp_send_space(self.flow) > 0:
+        if not self.host_eof and self.conn is not None and self.conn.send_space > 0:
             mask |= EPOLLIN
         self.reactor.interest(self.fd, mask)
 
