@@ -426,10 +426,12 @@ class Interface:
         key = self._by_flow.get(flow)
         return self._conns.get(key) if key is not None else None
 
-    def tcp_send(self, flow: ev.Flow, data: bytes | bytearray | memoryview, now: float) -> int:
-        """Queue data for the sandbox; returns how much was taken (0 when full or closed)."""
+    def tcp_send(self, flow: ev.Flow, data: bytes | bytearray | memoryview, now: float,
+                 close: bool = False) -> int:
+        """Queue data for the sandbox; returns how much was taken (0 when full or closed).
+        `close`: no more data follows, the FIN goes with this (if all of it was taken)."""
         conn = self.connection(flow)
-        return conn.send(data, now) if conn is not None else 0
+        return conn.send(data, now, close) if conn is not None else 0
 
     def tcp_recv(self, flow: ev.Flow, max_bytes: int) -> bytes | bytearray:
         """Take in-order data the sandbox sent (b"" when none is waiting)."""

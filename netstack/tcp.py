@@ -224,13 +224,18 @@ class TcpConnection:
 
     # ----- caller API -----------------------------------------------------------------------
 
-    def send(self, data: bytes | bytearray | memoryview, now: float) -> int:
-        """Queue up to `send_space` bytes for the peer; returns how many were taken."""
+    def send(self, data: bytes | bytearray | memoryview, now: float,
+             close: bool = False) -> int:
+        """Queue up to `send_space` bytes for the peer; returns how many were taken. With
+        `close`, and when all of `data` was taken, the FIN follows it at once (as `close()`
+        after it, but the last segment carries it: one frame less)."""
         self.now = now
         n = min(len(data), self.send_space)
         if n:
             self.snd_buf += data[:n]
             self.writable_flagged = False
+            if close and n == len(data):
+                self.fin_queued = True
             self._output(now)
         return n
 

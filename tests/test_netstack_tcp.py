@@ -716,6 +716,22 @@ class TestWeCloseFirst:
         assert closed_events(peer) == []  # TcpClosed only once
         peer.expect_none()
 
+    def test_the_last_data_carries_the_fin_when_sent_with_close(self) -> None:
+        peer = established()
+        start = peer.rcv_nxt
+        assert peer.iface.tcp_send(peer.flow, b"answer", peer.now, close=True) == 6
+        peer.expect(flags="FPA", seq=start, payload=b"answer")  # one segment, not two
+        assert peer.state() == "FIN-WAIT-1"
+        assert peer.iface.tcp_send(peer.flow, b"more", peer.now) == 0
+        peer.ack(ack=start + 7)
+        assert peer.state() == "FIN-WAIT-2"
+
+    def test_close_with_data_that_does_not_all_fit_sends_no_fin(self) -> None:
+        peer = established(TcpConfig(snd_buffer=4), window=100)
+        assert peer.iface.tcp_send(peer.flow, b"too long", peer.now, close=True) == 4
+        peer.expect(flags="PA", payload=b"too ")
+        assert peer.state() == "ESTABLISHED"
+
     def test_fin_and_ack_together(self) -> None:
         peer = established()
         peer.iface.tcp_close(peer.flow, peer.now)

@@ -40,6 +40,7 @@ EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 EPOLLERR = select.EPOLLERR
 EPOLLHUP = select.EPOLLHUP
+EPOLLRDHUP = select.EPOLLRDHUP  # the peer shut down its sending side
 PASSES_BEFORE_YIELD = 16  # readiness passes in a row before other tasks get a turn
 
 

@@ -33,7 +33,7 @@ from netstack import events as ev
 from netstack.iface import Interface
 from netstack.tcp import TcpConnection
 from tapbox.flows import FlowRecord
-from tapbox.net.reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Reactor, Timer
+from tapbox.net.reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Reactor, Timer
 
 if TYPE_CHECKING:
     from tapbox.attribution import Attributor
@@ -133,7 +133,7 @@ class TcpProxy:
         if self.pending and mask & (EPOLLOUT | EPOLLERR | EPOLLHUP):
             self.to_host()
         if self.state == OPEN and mask & (EPOLLIN | EPOLLERR | EPOLLHUP):
-            self.from_host()
+            self.from_host(mask)
 
     def on_readable(self) -> None:
         if self.state == OPEN:
@@ -189,8 +189,10 @@ class TcpProxy:
             return
         self._watch()
 
-    def from_host(self) -> None:
-        """Host -> sandbox: one read, as much as the stack has room for."""
+    def from_host(self, mask: int = 0) -> None:
+        """Host -> sandbox: one read, as much as the stack has room for. When the host has
+        shut its side down (EPOLLRDHUP) and the read emptied the socket, the FIN goes with
+        the data (a request/response server's answer and its close: one frame)."""
         sock, conn = self.sock, self.conn
         assert sock is not None and conn is not None
         space = conn.send_space
@@ -200,8 +202,9 @@ class TcpProxy:
             else:
                 self._watch()
             return
+        wanted = min(space, PUMP_CHUNK)
         try:
-            data = sock.recv(min(space, PUMP_CHUNK))
+            data = sock.recv(wanted)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -216,16 +219,23 @@ class TcpProxy:
                 return
             self._watch()
             return
-        conn.send(data, now)
+        last = bool(mask & EPOLLRDHUP) and len(data) < wanted
+        conn.send(data, now, last)
         self.record.bytes_in += len(data)
-        if len(data) == space:
+        if last:
+            self.host_eof = True
+            if self.shut_wr and not self.pending:
+                self.finish("closed")
+                return
+            self._watch()
+        elif len(data) == space:
             self._watch()
 
     def _watch(self) -> None:
         """Wait on the host socket for what the pumps need now."""
         mask = EPOLLOUT if self.pending else 0
         if not self.host_eof and self.conn is not None and self.conn.send_space > 0:
-            mask |= EPOLLIN
+            mask |= EPOLLIN | EPOLLRDHUP
         self.reactor.interest(self.fd, mask)
 
     def _host_failed(self, exc: OSError) -> None:
