@@ -286,6 +286,26 @@ def test_write_read_hide_tmpfs(run_tapbox: RunTapbox, world: World) -> None:
     assert sorted(os.listdir(proj / "cache")) == ["old"]  # the tmpfs was discarded
 
 
+def test_dev_net_tun_only_if_asked(run_tapbox: RunTapbox, world: World) -> None:
+    steps = [["net", "list", "/dev/net"]]
+    found, _ = probe(run_tapbox, world, steps, "-n")
+    assert found["net"] == "ENOENT"
+    found, _ = probe(run_tapbox, world, steps, "-n", "--write", "/dev/net/tun")
+    assert found["net"] == ["tun"]
+
+
+def test_root_inside_the_default_view(run_tapbox: RunTapbox, world: World) -> None:
+    """--root: uid 0 inside, the same view; what it writes in the working directory belongs to
+    the caller on the host."""
+    found, proc = probe(run_tapbox, world, [
+        ["write", "create", "by-root"], ["bashrc", "write", str(world.home / ".bashrc"), "x"],
+        ["etc", "create", "/etc/by-root"]], "-n", "--root")
+    assert (found["write"], found["bashrc"], found["etc"]) == ("ok", "ok", "EROFS")
+    assert (world.proj / "by-root").stat().st_uid == world.uid
+    assert (world.home / ".bashrc").read_text() == "# the original\n"
+    assert "1 file written to ~/.bashrc was discarded" in proc.stderr
+
+
 def test_later_options_win(run_tapbox: RunTapbox, world: World) -> None:
     proj = world.proj
     (proj / ".git").mkdir()
@@ -435,10 +455,10 @@ def test_a_refused_mount_stops_tapbox_with_one_line(world: World, err: int,
 
 # ------------------------------------------------------------------------------------------------
 # Other filesystems on the host's side: another filesystem, a bind, a mount below the home,
-# an automount (tests/sandbox_tools/mount_world.py, in a mount namespace of its own)
+# an automount, FUSE (tests/sandbox_tools/mount_world.py, in a mount namespace of its own)
 
 
-def test_working_directories_on_other_filesystems_and_automounts(world: World) -> None:
+def test_other_filesystems_binds_automounts_and_fuse(world: World) -> None:
     if os.getuid() != 0 or shutil.which("unshare") is None:
         pytest.fail("this test needs root and unshare(1) (util-linux) for a mount namespace",
                     pytrace=False)
@@ -464,3 +484,8 @@ def test_working_directories_on_other_filesystems_and_automounts(world: World) -
     assert found["later"] == "ENOENT" and result["requests_during_probe"] == ["later"], result
     # a working directory below a bind mount whose source the sandbox does not see (/tmp)
     assert result["bound"] == {"cwd": "/mnt/bound", "write": "ok"} and result["bound_made"]
+    # a home and a working directory on FUSE: the home is copy-on-write over it, the working
+    # directory is the FUSE filesystem itself (read-only, as that one is)
+    assert result["fuse"] == {"cwd": "/mnt/fuse/home/proj", "readme": "the project, on FUSE\n",
+                              "write": "EROFS", "bashrc_write": "ok",
+                              "bashrc": "# the original\nappended\n"}, result["fuse"]

@@ -15,13 +15,16 @@ side of the sandbox:
 - WORLD/home/usb: a tmpfs below the home directory,
 - /mnt/auto: an autofs mount (an indirect map) served by a small automount daemon in this
   process: key "ready" is mounted (a tmpfs with a file) before tapbox starts; a lookup of any
-  other key is answered "no such map entry" (AUTOFS_IOC_FAIL) and counted.
-Then it runs tapbox as UID (setpriv) three times and prints one JSON object:
-- "startup": the automount requests made while `tapbox -n -- true` ran (must be none: tapbox
-  must not touch what it does not bind);
+  other key is answered "no such map entry" (AUTOFS_IOC_FAIL) and counted;
+- /mnt/fuse: a FUSE filesystem (tinyfuse.py, read-only, owned by UID) holding a home
+  directory with a ~/.bashrc and a project.
+Then it runs tapbox as UID (setpriv) four times and prints one JSON object:
+- "startup": the automount and FUSE requests made while `tapbox -n -- true` ran elsewhere
+  (must be none: tapbox must not touch what it does not bind);
 - "otherfs", "bound": what tests/sandbox_tools/fs_probe.py found with the working directory
   on the other tmpfs, and below the bind, and whether the file it wrote is there on the host;
-- "requests_during_probe": the keys the sandbox asked the automounter for.
+- "requests_during_probe": the keys the sandbox asked the automounter for;
+- "fuse": what the probe found with its home and working directory on the FUSE filesystem.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ import struct
 import subprocess
 import sys
 import threading
+
+from tinyfuse import TinyFuse  # beside this script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROBE = os.path.join(HERE, "fs_probe.py")
@@ -117,7 +122,7 @@ def main() -> None:
     env = {**os.environ, "HOME": home}
     env.pop("XDG_RUNTIME_DIR", None)
     mount("tmpfs", "/mnt", "tmpfs", 0, "mode=0755")
-    for d in ("/mnt/otherfs", "/mnt/bound", "/mnt/auto", os.path.join(home, "usb")):
+    for d in ("/mnt/otherfs", "/mnt/bound", "/mnt/auto", "/mnt/fuse", os.path.join(home, "usb")):
         os.makedirs(d, exist_ok=True)
     mount("tmpfs", "/mnt/otherfs", "tmpfs", 0, "mode=0777")
     os.mkdir("/mnt/otherfs/proj")
@@ -126,13 +131,18 @@ def main() -> None:
     mount("tmpfs", os.path.join(home, "usb"), "tmpfs", 0, "mode=0777")
     with open(os.path.join(home, "usb", "f"), "w") as f:
         f.write("on the usb stick\n")
+    fuse = TinyFuse({"home": None, "home/.bashrc": b"# the original\n", "home/proj": None,
+                     "home/proj/README": b"the project, on FUSE\n"}, uid=uid)
+    fuse.mount("/mnt/fuse")
     auto = Automounter("/mnt/auto")
     auto.premount("ready")
     result: dict[str, object] = {}
     try:
+        seen = dict(fuse.requests)
         start = tapbox(uid, "/mnt/otherfs/proj", env, "--", "true")
         result["startup_exit"] = start.returncode
-        result["startup"] = list(auto.requests)
+        result["startup"] = list(auto.requests) + [
+            f"fuse {op}" for op, n in fuse.requests.items() if n != seen.get(op)]
         auto.requests.clear()
         steps = [["cwd", "cwd"], ["write", "create", "made"],
                  ["usb", "read", os.path.join(home, "usb", "f")],
@@ -145,6 +155,11 @@ def main() -> None:
         result["bound"] = probe(uid, "/mnt/bound", env, [["cwd", "cwd"],
                                                           ["write", "create", "made"]])
         result["bound_made"] = os.path.exists(os.path.join(world, "data", "made"))
+        fuse_home = {**env, "HOME": "/mnt/fuse/home"}
+        result["fuse"] = probe(uid, "/mnt/fuse/home/proj", fuse_home, [
+            ["cwd", "cwd"], ["readme", "read", "README"], ["write", "create", "made"],
+            ["bashrc_write", "write", "/mnt/fuse/home/.bashrc", "appended\n"],
+            ["bashrc", "read", "/mnt/fuse/home/.bashrc"]])
     finally:
         auto.stop()
     print(json.dumps(result), flush=True)
