@@ -273,8 +273,8 @@ def test_the_working_directory_is_not_made_writable_where_that_would_undo_the_vi
 
 
 def test_the_sandboxs_own_directories_are_not_the_working_directory() -> None:
-    host = dataclasses.replace(facts(Path("/nonexistent")), cwd="/tmp", home=None,
-                               home_layer=False, secrets=())
+    host = facts(Path("/nonexistent"))._replace(cwd="/tmp", home=None, home_layer=False,
+                                                secrets=())
     plan = project(host)
     assert plan.notices == ("the working directory /tmp is the sandbox's own, not the host's: "
                             "share the host's with --write /tmp",)
@@ -336,6 +336,11 @@ def test_bad_path_options_stop_tapbox_with_one_line(tree: Path, rule: PathRule,
 def test_hiding_what_does_not_exist_is_nothing(tree: Path) -> None:
     plan = project(facts(tree), PathRule("hide", str(tree / "nothing-here")))
     assert not any(isinstance(op, Hide) and "nothing-here" in op.path for op in plan.ops)
+
+
+def test_operations_compare_as_operations() -> None:
+    assert Pin("/x") != Device("/x") and Pin("/x") == Pin("/x")
+    assert Tmpfs("/x", 0o755) != ("/x", 0o755, "") and len({Pin("/x"), Device("/x")}) == 2
 
 
 def test_odd_bytes_in_paths_stay_as_they_are(tree: Path) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from tapbox.textescape import escape
 
@@ -29,14 +28,17 @@ LIMIT = 100_000  # entries looked at, at most
 SHOWN = 3  # places named in the line, at most
 
 
-@dataclass
 class Discarded:
-    files: int = 0  # written (every non-directory but whiteouts)
-    removed: int = 0  # whiteouts: files of the home the command removed
-    places: dict[str, int] = field(default_factory=dict)  # first name under home -> changes
-    directories: set[str] = field(default_factory=set)  # the places that are directories
-    truncated: bool = False  # LIMIT reached: there is more
-    unreadable: int = 0  # directories of the layer tapbox could not open
+    """What count() found (a plain class: defined at every exit, a dataclass costs more)."""
+
+    def __init__(self, files: int = 0, removed: int = 0, places: dict[str, int] | None = None,
+                 directories: set[str] | None = None) -> None:
+        self.files = files  # written (every non-directory but whiteouts)
+        self.removed = removed  # whiteouts: files of the home the command removed
+        self.places = places or {}  # first name under home -> changes
+        self.directories = directories or set()  # the places that are directories
+        self.truncated = False  # LIMIT reached: there is more
+        self.unreadable = 0  # directories of the layer tapbox could not open
 
     @property
     def changes(self) -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from tapbox.errors import SetupError
@@ -75,7 +74,6 @@ HOME_LAYER = "/layers/home"  # its own tmpfs: N/lower (a bind of the host's dire
 DEVPTS_OPTIONS = "newinstance,ptmxmode=0666,mode=620"
 
 
-@dataclass
 class Applied:
     """What executing the plan leaves for tapbox: a descriptor of the tmpfs holding the home's
     layers (HOME_LAYER: N/upper is layer N's)."""

@@ -46,7 +46,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from tapbox.errors import SetupError
 from tapbox.isolate.config import SandboxConfig
@@ -54,16 +54,14 @@ from tapbox.isolate.config import SandboxConfig
 RESOLV_CONF = "/etc/resolv.conf"
 
 
-@dataclass(frozen=True)
-class NewRoot:
+class NewRoot(NamedTuple):
     """Start building an empty root (a tmpfs); the host's tree stays reachable meanwhile."""
 
     def describe(self) -> str:
         return "new root: an empty tmpfs, filled by the operations below"
 
 
-@dataclass(frozen=True)
-class Bind:
+class Bind(NamedTuple):
     """Bind the host's `source` (with the mounts below it) at `dest`, writable or read-only."""
 
     source: str
@@ -77,8 +75,7 @@ class Bind:
         return f"{'bind' if self.writable else 'ro-bind'} {where}" + _purpose(self.purpose)
 
 
-@dataclass(frozen=True)
-class Symlink:
+class Symlink(NamedTuple):
     """A symlink at `path` pointing to `target` (a top-level link such as /bin -> usr/bin)."""
 
     target: str
@@ -88,8 +85,7 @@ class Symlink:
         return f"symlink {self.path} -> {self.target}"
 
 
-@dataclass(frozen=True)
-class Tmpfs:
+class Tmpfs(NamedTuple):
     """An empty tmpfs on `path` with the permissions `mode`."""
 
     path: str
@@ -101,8 +97,7 @@ class Tmpfs:
             (f"; {self.purpose})" if self.purpose else ")")
 
 
-@dataclass(frozen=True)
-class Device:
+class Device(NamedTuple):
     """The host's device node `path` bound at the same path (/dev/null, /dev/tty...)."""
 
     path: str
@@ -111,8 +106,7 @@ class Device:
         return f"device {self.path}"
 
 
-@dataclass(frozen=True)
-class Devpts:
+class Devpts(NamedTuple):
     """A new devpts instance on `path`: the sandbox's own pseudo-terminals."""
 
     path: str = "/dev/pts"
@@ -121,8 +115,7 @@ class Devpts:
         return f"devpts {self.path} (a new instance; /dev/ptmx links to it)"
 
 
-@dataclass(frozen=True)
-class HomeOverlay:
+class HomeOverlay(NamedTuple):
     """An overlay on `path` (the home directory, or one directory of it): reads come from the
     host's directory, writes go to upper layer number `layer` on a tmpfs of tapbox's, which
     tapbox counts at exit and discards."""
@@ -134,8 +127,7 @@ class HomeOverlay:
         return f"overlay {self.path} (copy-on-write: writes go to a layer discarded at exit)"
 
 
-@dataclass(frozen=True)
-class Hide:
+class Hide(NamedTuple):
     """Make `path` empty and inaccessible: a directory gets an empty tmpfs of `mode` (0000, or
     0111 when something is exposed inside it), anything else the empty file `source` (mode
     0000). Both end read-only."""
@@ -151,8 +143,7 @@ class Hide:
         return f"hide {self.path} ({what}" + (f"; {self.purpose})" if self.purpose else ")")
 
 
-@dataclass(frozen=True)
-class FreshSysfs:
+class FreshSysfs(NamedTuple):
     """A sysfs of the sandbox's network namespace on `path`, keeping the old submounts.
 
     In the host view, best effort (the old /sys stays if it fails); read-only, it falls back
@@ -167,8 +158,7 @@ class FreshSysfs:
         return f"sysfs {self.path} (best effort; submounts carried over)"
 
 
-@dataclass(frozen=True)
-class BindFile:
+class BindFile(NamedTuple):
     """Bind-mount the file `source` over the existing file `dest`."""
 
     source: str
@@ -180,8 +170,7 @@ class BindFile:
         return f"bind {self.source} -> {self.dest} ({self.purpose})"
 
 
-@dataclass(frozen=True)
-class FreshProc:
+class FreshProc(NamedTuple):
     """A proc of the sandbox's PID namespace on `path` (mounted by pid 1 inside)."""
 
     path: str = "/proc"
@@ -190,8 +179,7 @@ class FreshProc:
         return f"proc {self.path} (the sandbox's PID namespace)"
 
 
-@dataclass(frozen=True)
-class ReadOnlyFile:
+class ReadOnlyFile(NamedTuple):
     """Bind the regular file `path` read-only over itself; it must still be (dev, ino)."""
 
     path: str
@@ -202,8 +190,7 @@ class ReadOnlyFile:
         return f"read-only {self.path}"
 
 
-@dataclass(frozen=True)
-class Pin:
+class Pin(NamedTuple):
     """Bind the directory `path` over itself (with its submounts): no rename, no removal."""
 
     path: str
@@ -212,8 +199,7 @@ class Pin:
         return f"pin {self.path} (cannot be renamed or removed)"
 
 
-@dataclass(frozen=True)
-class ReadOnly:
+class ReadOnly(NamedTuple):
     """Make the tmpfs tapbox mounted on `path` read-only, now that everything is mounted on
     it (the mounts on it keep their own flags)."""
 
@@ -224,8 +210,7 @@ class ReadOnly:
         return f"read-only {self.path}" + _purpose(self.purpose)
 
 
-@dataclass(frozen=True)
-class PivotRoot:
+class PivotRoot(NamedTuple):
     """Make the new root the sandbox's root, drop the host's tree, enter `cwd`."""
 
     cwd: str
@@ -236,10 +221,34 @@ class PivotRoot:
 
 Op = (NewRoot | Bind | Symlink | Tmpfs | Device | Devpts | HomeOverlay | Hide | FreshSysfs
       | BindFile | FreshProc | ReadOnlyFile | Pin | ReadOnly | PivotRoot)
+OPS = (NewRoot, Bind, Symlink, Tmpfs, Device, Devpts, HomeOverlay, Hide, FreshSysfs, BindFile,
+       FreshProc, ReadOnlyFile, Pin, ReadOnly, PivotRoot)
 
 
-@dataclass(frozen=True)
-class Plan:
+# The operations are NamedTuples (tapbox defines them on every start: a frozen dataclass costs
+# about ten times more), compared as operations, not as tuples: Pin("/x") != Device("/x").
+def _equal(self: tuple[object, ...], other: object) -> bool:
+    if not isinstance(other, tuple):
+        return NotImplemented
+    return type(self) is type(other) and tuple.__eq__(self, other)
+
+
+def _not_equal(self: tuple[object, ...], other: object) -> bool:
+    equal = _equal(self, other)
+    return equal if equal is NotImplemented else not equal
+
+
+def _hash(self: tuple[object, ...]) -> int:
+    return hash((type(self).__name__, tuple(self)))
+
+
+for _op in OPS:
+    _op.__eq__ = _equal  # type: ignore[assignment,method-assign]
+    _op.__ne__ = _not_equal  # type: ignore[assignment,method-assign]
+    _op.__hash__ = _hash  # type: ignore[assignment,method-assign]
+
+
+class Plan(NamedTuple):
     ops: tuple[Op, ...]
     # One line each for the user, said before the command runs (the working directory that is
     # not made writable, and why).

@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from tapbox.errors import SetupError
 from tapbox.isolate.plan import (
@@ -65,8 +65,7 @@ DEV_LINKS = (("pts/ptmx", "/dev/ptmx"), ("/proc/self/fd", "/dev/fd"),
              ("/proc/self/fd/2", "/dev/stderr"))
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One entry of the host's `/`: kind "dir", "file" or "symlink" (with its target)."""
 
     name: str
@@ -74,8 +73,7 @@ class Entry:
     target: str = ""
 
 
-@dataclass(frozen=True)
-class HostFacts:
+class HostFacts(NamedTuple):
     """What the project view depends on, read on the host before the fork."""
 
     cwd: str  # resolved
@@ -135,8 +133,9 @@ def existing_secrets(entries: Iterable[str], home: str | None) -> list[tuple[str
             if home is None:
                 continue
             entry = os.path.join(home, entry[2:])
-        path = os.path.realpath(entry)
         try:
+            os.lstat(entry)  # most are not there: one system call each
+            path = os.path.realpath(entry)
             st = os.lstat(path)
         except OSError:
             continue
