@@ -160,6 +160,7 @@ def test_the_default_view(run_tapbox: RunTapbox, world: World) -> None:
         ["tmp_write", "write", "/tmp/left-by-the-sandbox", "x"],
         ["host_tmp", "list", str(world.root)],
         ["etc_write", "create", "/etc/tapbox-test"],
+        ["top_write", "create", "/tapbox-test"],
         ["usr_write", "create", "/usr/tapbox-test"],
         ["dev", "list", "/dev"],
         ["shm", "list", "/dev/shm"],
@@ -204,6 +205,7 @@ def test_the_default_view(run_tapbox: RunTapbox, world: World) -> None:
     assert "host-tmp-marker" not in found["host_tmp"]
     # the rest of the host is read-only
     assert found["etc_write"] == "EROFS" and found["usr_write"] == "EROFS"
+    assert found["top_write"] == "EROFS"  # the new root itself
     assert found["sys_write"] in ("EROFS", "EACCES"), found
     # a minimal /dev with a new devpts; a private /dev/shm; /run and $XDG_RUNTIME_DIR empty
     assert set(found["dev"]) <= {"null", "zero", "full", "random", "urandom", "tty", "pts",
@@ -366,6 +368,61 @@ def test_bad_option_values_stop_tapbox_before_the_command(run_tapbox: RunTapbox,
     assert proc.returncode == 125, proc.stderr
     assert message in proc.stderr, proc.stderr
     assert not marker.exists()
+
+
+def test_a_symlink_in_the_project_cannot_show_a_secret(run_tapbox: RunTapbox,
+                                                       world: World) -> None:
+    """A repository that ships `.git -> ~/.ssh` does not get ~/.ssh writable from a user's
+    `--write .git`: tapbox stops and says why."""
+    (world.proj / ".git").symlink_to(world.home / ".ssh")
+    marker = world.proj / "ran"
+    user = None if world.uid == 0 else world.uid
+    proc = run_tapbox("-n", "--write", ".git", cmd=["touch", str(marker)], user=user,
+                      env=world.env(), cwd=world.proj, timeout=SHORT)
+    assert proc.returncode == 125 and not marker.exists(), proc.stderr
+    assert f"tapbox: --write .git: it leads through a symlink to {world.home}/.ssh, which is " \
+           "hidden" in proc.stderr
+
+
+NESTED = """
+import ctypes, json, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def call(rc):
+    return os.strerror(ctypes.get_errno()) if rc else "done"
+out = {}
+# a user and mount namespace of the command's own, where it holds every capability
+out["unshare"] = call(libc.unshare(0x10000000 | 0x00020000))
+for name, path in (("etc", b"/etc"), ("root", b"/")):  # MS_REMOUNT | MS_BIND, no MS_RDONLY
+    out["remount_" + name] = call(libc.mount(None, path, None, 0x20 | 0x1000, None))
+out["umount_secret"] = call(libc.umount2(sys.argv[1].encode(), 2))
+try:
+    open("/etc/tapbox-test", "w")
+    out["etc_write"] = "done"
+except OSError as e:
+    out["etc_write"] = e.strerror
+try:
+    out["secret"] = open(sys.argv[2]).read()
+except OSError as e:
+    out["secret"] = e.strerror
+print(json.dumps(out))
+"""
+
+
+def test_the_view_cannot_be_undone_from_inside(run_tapbox: RunTapbox, world: World) -> None:
+    """In a user and mount namespace of its own, the command has every capability, but the
+    view's mounts came locked with it: no remounting writable, no unmounting a hidden path."""
+    user = None if world.uid == 0 else world.uid
+    proc = run_tapbox("-n", "--root", cmd=[PY, "-c", NESTED, str(world.home / ".ssh"),
+                                           str(world.home / ".ssh" / "id_test")],
+                      user=user, env=world.env(), cwd=world.proj, timeout=SHORT)
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout)
+    assert found["unshare"] == "done", found
+    for name in ("remount_etc", "remount_root"):
+        assert found[name] in ("Operation not permitted", "Invalid argument"), found
+    assert found["etc_write"] == "Read-only file system", found
+    assert found["umount_secret"] == "Invalid argument", found  # locked with what it covers
+    assert found["secret"] != "SECRET KEY\n", found
 
 
 # ------------------------------------------------------------------------------------------------

@@ -248,6 +248,30 @@ def test_a_hidden_directory_is_searchable_only_when_something_is_shown_inside(tr
     assert Hide(f"{home}/.ssh", True, 0, "", "a secret") in project(facts(tree)).ops
 
 
+def test_a_secret_is_shown_only_by_its_own_name_not_through_a_symlink(tree: Path) -> None:
+    """A hostile repository's `.git -> ~/.ssh`: `--write .git` must not make ~/.ssh writable."""
+    home, proj = tree / "home/u", tree / "home/u/proj"
+    os.rmdir(proj / ".git")
+    (proj / ".git").symlink_to(home / ".ssh")
+    (proj / "key").symlink_to(home / ".ssh/id_test")
+    (home / ".ssh/id_test").write_text("secret")
+    for given in (".git", "key", str(proj / ".git")):
+        with pytest.raises(SetupError, match=r"it leads through a symlink to .*/\.ssh.*, which "
+                                             r"is hidden \(a secret .*/home/u/\.ssh\): name "
+                                             r"that path itself"):
+            project(facts(tree), PathRule("write", given))
+    assert Bind(str(home / ".ssh"), str(home / ".ssh"), writable=False, purpose="--read") in \
+        project(facts(tree), PathRule("read", "~/.ssh")).ops
+    # a secret that is itself a link (~/.aws -> elsewhere): its name and its target both do
+    (tree / "data/aws").mkdir()
+    (home / ".aws").symlink_to(tree / "data/aws")
+    for given in ("~/.aws", str(tree / "data/aws")):
+        plan = project(facts(tree), PathRule("read", given))
+        assert Bind(str(tree / "data/aws"), str(tree / "data/aws"), writable=False,
+                    purpose="--read") in plan.ops
+        assert Hide(str(tree / "data/aws"), True, 0, "", "a secret") not in plan.ops
+
+
 def test_relative_and_tilde_paths(tree: Path) -> None:
     assert rootfs.resolve("../.cache", str(tree / "home/u/proj")) == str(tree / "home/u/.cache")
     assert rootfs.resolve("~/.cache", "/") == str(tree / "home/u/.cache")
@@ -356,8 +380,8 @@ def test_host_facts_read_the_real_host(tree: Path, monkeypatch: pytest.MonkeyPat
     assert (host.cwd, host.home, host.home_layer) == (str(tree / "home/u/proj"),
                                                       str(tree / "home/u"), True)
     assert host.runtime_dir == "/run/user/0"  # no XDG_RUNTIME_DIR: --root's uid 0
-    assert (str(tree / "home/u/.ssh"), True) in host.secrets
-    assert (str(tree / "home/u/.netrc"), False) in host.secrets
+    assert (str(tree / "home/u/.ssh"), True, str(tree / "home/u/.ssh")) in host.secrets
+    assert (str(tree / "home/u/.netrc"), False, str(tree / "home/u/.netrc")) in host.secrets
     names = {entry.name: entry for entry in host.top}
     assert names["usr"].kind == "dir" and names["proc"].kind == "dir"
     if os.path.islink("/bin"):

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from tapbox.errors import SetupError
@@ -82,7 +82,8 @@ class HostFacts(NamedTuple):
     runtime_dir: str  # the sandbox's $XDG_RUNTIME_DIR (the host's path, or /run/user/UID)
     top: tuple[Entry, ...]
     devices: tuple[str, ...]
-    secrets: tuple[tuple[str, bool], ...]  # (resolved path, is a directory) of each that exists
+    # (resolved path, is a directory, the path as the list names it) of each that exists
+    secrets: tuple[tuple[str, bool, str], ...]
     home_mounts: tuple[str, ...]  # the mount points strictly below the home directory
 
     @classmethod
@@ -115,7 +116,7 @@ class HostFacts(NamedTuple):
         return cls(cwd=cwd, home=home, home_layer=home_layer, runtime_dir=runtime_dir,
                    top=tuple(top),
                    devices=tuple(d for d in DEVICES if os.path.lexists(d)),
-                   secrets=tuple(existing_secrets(read_secrets(), home)),
+                   secrets=tuple(existing_secrets(read_secrets(), home and home_given)),
                    home_mounts=tuple(mounts_below(home)) if home_layer and home else ())
 
 
@@ -125,22 +126,25 @@ def read_secrets(path: str = SECRETS_FILE) -> list[str]:
         return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
 
 
-def existing_secrets(entries: Iterable[str], home: str | None) -> list[tuple[str, bool]]:
-    """(resolved path, is a directory) of each entry that exists (~/ entries need a home)."""
-    found: list[tuple[str, bool]] = []
+def existing_secrets(entries: Iterable[str],
+                     home: str | None) -> list[tuple[str, bool, str]]:
+    """(resolved path, is a directory, path as named) of each entry that exists (~/ entries
+    need a home: `home` as $HOME gives it)."""
+    found: list[tuple[str, bool, str]] = []
     for entry in entries:
         if entry.startswith("~/"):
             if home is None:
                 continue
             entry = os.path.join(home, entry[2:])
+        named = os.path.abspath(entry)
         try:
-            os.lstat(entry)  # most are not there: one system call each
-            path = os.path.realpath(entry)
+            os.lstat(named)  # most are not there: one system call each
+            path = os.path.realpath(named)
             st = os.lstat(path)
         except OSError:
             continue
-        if (path, stat.S_ISDIR(st.st_mode)) not in found:
-            found.append((path, stat.S_ISDIR(st.st_mode)))
+        if all(path != seen for seen, _d, _n in found):
+            found.append((path, stat.S_ISDIR(st.st_mode), named))
     return found
 
 
@@ -205,8 +209,9 @@ def project_plan(fs: FilesystemOptions, host: HostFacts, empty_file: str,
     if notice is None:
         layers.append(Bind(host.cwd, host.cwd, writable=True, purpose="the working directory"))
     layers.append(Tmpfs(host.runtime_dir, 0o700, "$XDG_RUNTIME_DIR, empty"))
-    secrets = [hide_op(path, is_dir, empty_file, "a secret") for path, is_dir in host.secrets]
-    layered = layer([*layers, *secrets], fs.paths, host.cwd, empty_file, secrets)
+    secrets = [hide_op(path, is_dir, empty_file, "a secret") for path, is_dir, _ in host.secrets]
+    names = {path: named for path, _d, named in host.secrets}
+    layered = layer([*layers, *secrets], fs.paths, host.cwd, empty_file, secrets, names)
     _check_cwd_visible(layered, host.cwd)
     overlays = [HomeOverlay(op.path, n) for n, op in
                 enumerate(op for op in layered if isinstance(op, HomeOverlay))]
@@ -250,16 +255,22 @@ def cwd_notice(host: HostFacts, rules: Sequence[PathRule]) -> str | None:
 
 
 def layer(ops: list[Op], rules: Sequence[PathRule], cwd: str, empty_file: str,
-          secrets: Sequence[Hide] = ()) -> list[Op]:
+          secrets: Sequence[Hide] = (), names: Mapping[str, str] | None = None) -> list[Op]:
     """`ops`, then each rule's operation (relative paths from `cwd`), each --write/--read
     followed by the `secrets` strictly below it; then without the operations a later one
     covers, and with each hidden directory searchable (0111) where something is mounted in it.
-    Raises SetupError for a --write/--read path that does not exist."""
+    `names` gives each secret's path as its list names it (it may be a symlink).
+
+    Raises SetupError for a --write/--read path that does not exist, and for one that shows a
+    secret (or something in it) without naming it: through a symlink, for example a `.git`
+    that a repository made a link to ~/.ssh, `--write .git` must not make ~/.ssh writable."""
     listed = list(ops)
     for rule in rules:
         op = rule_op(rule, cwd, empty_file)
         if op is None:
             continue
+        if isinstance(op, Bind):
+            _check_not_a_secret_by_a_symlink(rule, op.dest, cwd, secrets, names or {})
         listed.append(op)
         if isinstance(op, Bind) and op.directory:
             listed.extend(s for s in secrets if s.path.startswith(op.dest + "/"))
@@ -272,6 +283,19 @@ def layer(ops: list[Op], rules: Sequence[PathRule], cwd: str, empty_file: str,
             op = Hide(op.path, True, 0o111 if inside else 0, purpose=op.purpose)
         out.append(op)
     return out
+
+
+def _check_not_a_secret_by_a_symlink(rule: PathRule, dest: str, cwd: str,
+                                     secrets: Sequence[Hide], names: Mapping[str, str]) -> None:
+    given = os.path.abspath(os.path.join(cwd, os.path.expanduser(rule.path)))
+    for secret in secrets:
+        named = names.get(secret.path, secret.path)
+        if _covers(secret.path, dest) and not (_covers(named, given) or
+                                               _covers(secret.path, given)):
+            raise SetupError(
+                f"tapbox: --{rule.action} {rule.path}: it leads through a symlink to {dest}, "
+                f"which is hidden ({secret.purpose} {named}): name that path itself if you "
+                "mean to show it")
 
 
 def rule_op(rule: PathRule, cwd: str, empty_file: str) -> Op | None:
