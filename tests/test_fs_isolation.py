@@ -116,7 +116,7 @@ def world(request: pytest.FixtureRequest) -> Iterator[World]:
         if problems:
             pytest.fail("cannot run rootless here:\n  - " + "\n  - ".join(problems),
                         pytrace=False)
-    made = make_world(0 if user is None else user)
+    made = make_world(os.getuid() if user is None else user)
     try:
         yield made
     finally:
@@ -129,7 +129,7 @@ def probe(run_tapbox: RunTapbox, world: World, steps: list[list[str]], *args: st
           cwd: Path | None = None, env: dict[str, str] | None = None,
           ) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
     """Run fs_probe.py with `steps` in the sandbox (no network unless args say otherwise)."""
-    user = None if world.uid == 0 else world.uid
+    user = None if world.uid == os.getuid() else world.uid
     proc = run_tapbox(*args, cmd=[PY, str(PROBE), json.dumps(steps)], user=user,
                       env=env if env is not None else world.env(),
                       cwd=cwd or world.proj, timeout=SHORT)
@@ -251,6 +251,18 @@ def test_fs_host_restores_todays_view(run_tapbox: RunTapbox, world: World) -> No
     assert "discarded" not in proc.stderr
 
 
+def test_fs_host_applies_the_path_options(run_tapbox: RunTapbox, world: World) -> None:
+    found, _ = probe(run_tapbox, world, [
+        ["key", "read", str(world.home / ".ssh" / "id_test")],
+        ["bashrc", "read", str(world.home / ".bashrc")],
+        ["bashrc_write", "write", str(world.home / ".bashrc"), "x"],
+    ], "-n", "--fs", "host", "--hide", "~/.ssh", "--hide", "~/.bashrc")
+    assert found["key"] in ("EACCES", "ENOENT") and found["bashrc"] in ("EACCES", ""), found
+    assert found["bashrc_write"] in ("EROFS", "EACCES"), found
+    assert (world.home / ".bashrc").read_text() == "# the original\n"
+    assert not [p for p in os.listdir(world.runtime) if p.startswith("tapbox-")]  # removed
+
+
 # ------------------------------------------------------------------------------------------------
 # The options
 
@@ -362,7 +374,7 @@ def test_environment_options(run_tapbox: RunTapbox, world: World) -> None:
 def test_bad_option_values_stop_tapbox_before_the_command(run_tapbox: RunTapbox, world: World,
                                                           args: list[str], message: str) -> None:
     marker = world.proj / "ran"
-    user = None if world.uid == 0 else world.uid
+    user = None if world.uid == os.getuid() else world.uid
     proc = run_tapbox("-n", *args, cmd=["touch", str(marker)], user=user, env=world.env(),
                       cwd=world.proj, timeout=SHORT)
     assert proc.returncode == 125, proc.stderr
@@ -376,7 +388,7 @@ def test_a_symlink_in_the_project_cannot_show_a_secret(run_tapbox: RunTapbox,
     `--write .git`: tapbox stops and says why."""
     (world.proj / ".git").symlink_to(world.home / ".ssh")
     marker = world.proj / "ran"
-    user = None if world.uid == 0 else world.uid
+    user = None if world.uid == os.getuid() else world.uid
     proc = run_tapbox("-n", "--write", ".git", cmd=["touch", str(marker)], user=user,
                       env=world.env(), cwd=world.proj, timeout=SHORT)
     assert proc.returncode == 125 and not marker.exists(), proc.stderr
@@ -411,7 +423,7 @@ print(json.dumps(out))
 def test_the_view_cannot_be_undone_from_inside(run_tapbox: RunTapbox, world: World) -> None:
     """In a user and mount namespace of its own, the command has every capability, but the
     view's mounts came locked with it: no remounting writable, no unmounting a hidden path."""
-    user = None if world.uid == 0 else world.uid
+    user = None if world.uid == os.getuid() else world.uid
     proc = run_tapbox("-n", "--root", cmd=[PY, "-c", NESTED, str(world.home / ".ssh"),
                                            str(world.home / ".ssh" / "id_test")],
                       user=user, env=world.env(), cwd=world.proj, timeout=SHORT)
@@ -423,6 +435,23 @@ def test_the_view_cannot_be_undone_from_inside(run_tapbox: RunTapbox, world: Wor
     assert found["etc_write"] == "Read-only file system", found
     assert found["umount_secret"] == "Invalid argument", found  # locked with what it covers
     assert found["secret"] != "SECRET KEY\n", found
+
+
+def test_a_tapbox_inside_the_default_view_keeps_the_secrets_hidden(run_tapbox: RunTapbox,
+                                                                   world: World) -> None:
+    """A hidden file is an empty file nobody unlinks, so a nested tapbox (issue 12 takes
+    nesting further) can build its own view over the outer one's."""
+    netrc = world.home / ".netrc"
+    netrc.write_text("machine example.com password hunter2\n")
+    world.chown(netrc)
+    user = None if world.uid == os.getuid() else world.uid
+    inner = [PY, "-m", "tapbox", "-n", "--", PY, str(PROBE),
+             json.dumps([["netrc", "read", str(netrc)], ["procs", "procs"]])]
+    proc = run_tapbox("-n", cmd=inner, user=user, env=world.env(), cwd=world.proj,
+                      timeout=SHORT)
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["netrc"] in ("", "EACCES") and len(found["procs"]) == 2, found
 
 
 # ------------------------------------------------------------------------------------------------
@@ -495,7 +524,7 @@ def test_a_refused_mount_stops_tapbox_with_one_line(world: World, err: int,
     """Never less isolation than asked: the command does not run; the line names the mount,
     the reason and the fix. --fs host (which needs no read-only tree) then runs."""
     marker = world.proj / "ran"
-    prefix = [] if world.uid == 0 else setpriv_prefix(world.uid)
+    prefix = [] if world.uid == os.getuid() else setpriv_prefix(world.uid)
     for view, status in (("project", 125), ("host", 0)):
         proc = subprocess.run(
             [*prefix, PY, "-c", REFUSING, str(err), "-n", "--fs", view, "--", "touch",

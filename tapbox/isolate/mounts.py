@@ -72,6 +72,7 @@ NEW_ROOT = "/newroot"
 HOME_LAYER = "/layers/home"  # its own tmpfs: N/lower (a bind of the host's directory), N/upper,
 # N/work for each copy-on-write layer N
 DEVPTS_OPTIONS = "newinstance,ptmxmode=0666,mode=620"
+EMPTY_FILE = "/empty"  # on the staging tmpfs: what a hidden file shows (never unlinked)
 
 
 class Applied:
@@ -130,6 +131,7 @@ def new_root(ctx: _Context, op: NewRoot) -> None:
         raise ctx.fail(f"mounting a tmpfs on {STAGING} to build the sandbox's root in", err)
     for name in (OLD_ROOT, NEW_ROOT, "/layers"):
         os.mkdir(STAGING + name, 0o700)
+    os.close(os.open(STAGING + EMPTY_FILE, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0))
     err = libc.pivot_root(STAGING, STAGING + OLD_ROOT, ctx.pivot_root_nr)
     if err:
         raise ctx.fail("pivot_root into the tmpfs the sandbox's root is built in", err)
@@ -248,8 +250,8 @@ def hide(ctx: _Context, op: Hide) -> None:
         err = libc.mount("tmpfs", dest, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
                          f"mode={op.mode:o},size=4k,nr_inodes=64")
     else:
-        err = libc.mount(ctx.source(op.source), dest, None, MS_BIND) or \
-            _remount_read_only(libc, dest)
+        source = ctx.source(op.source) if op.source else EMPTY_FILE
+        err = libc.mount(source, dest, None, MS_BIND) or _remount_read_only(libc, dest)
     if err:
         raise ctx.fail(f"hiding {op.path}", err)
 

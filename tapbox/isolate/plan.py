@@ -130,12 +130,12 @@ class HomeOverlay(NamedTuple):
 class Hide(NamedTuple):
     """Make `path` empty and inaccessible: a directory gets an empty tmpfs of `mode` (0000, or
     0111 when something is exposed inside it), anything else the empty file `source` (mode
-    0000). Both end read-only."""
+    0000; in the project view one on the tmpfs NewRoot builds on). Both end read-only."""
 
     path: str
     directory: bool
     mode: int = 0
-    source: str = ""  # the empty file bound over a non-directory
+    source: str = ""  # the empty file bound over a non-directory ("": the new root's own)
     purpose: str = ""
 
     def describe(self) -> str:
@@ -269,7 +269,9 @@ def build(config: SandboxConfig, resolv_path: str | None, empty_file: str = "",
           stat_path: Callable[[str], os.stat_result] = os.stat,
           facts: object | None = None) -> Plan:
     """The operations for `config`; `resolv_path` is the private resolv.conf (network only),
-    `empty_file` an empty file of mode 0000 to hide files with.
+    `empty_file` an empty file of mode 0000 to hide files with in the host view (the project
+    view has its own, on the tmpfs its root is built on, that nothing ever unlinks: a nested
+    tapbox can still mount over what it hid).
 
     `stat_path` identifies the record files, `facts` (a rootfs.HostFacts) describes the host
     for the project view (tests pass their own).
@@ -293,7 +295,7 @@ def build(config: SandboxConfig, resolv_path: str | None, empty_file: str = "",
         ops.extend(ReadOnly(path, "hidden") for path in sealed)
         return Plan(tuple(ops))
     host = facts if isinstance(facts, rootfs.HostFacts) else rootfs.HostFacts.collect(config.root)
-    return rootfs.project_plan(config.filesystem, host, empty_file, resolv, records)
+    return rootfs.project_plan(config.filesystem, host, resolv, records)
 
 
 def _purpose(purpose: str) -> str:

@@ -180,8 +180,8 @@ def copy_on_write(directory: str, mounts: Sequence[str]) -> list[Op]:
     return ops
 
 
-def project_plan(fs: FilesystemOptions, host: HostFacts, empty_file: str,
-                 resolv: BindFile | None, records: Sequence[Op]) -> Plan:
+def project_plan(fs: FilesystemOptions, host: HostFacts, resolv: BindFile | None,
+                 records: Sequence[Op]) -> Plan:
     """The project view's operations (see the module's docstring for the order)."""
     ops: list[Op] = [NewRoot()]
     for entry in host.top:
@@ -209,9 +209,9 @@ def project_plan(fs: FilesystemOptions, host: HostFacts, empty_file: str,
     if notice is None:
         layers.append(Bind(host.cwd, host.cwd, writable=True, purpose="the working directory"))
     layers.append(Tmpfs(host.runtime_dir, 0o700, "$XDG_RUNTIME_DIR, empty"))
-    secrets = [hide_op(path, is_dir, empty_file, "a secret") for path, is_dir, _ in host.secrets]
+    secrets = [hide_op(path, is_dir, "", "a secret") for path, is_dir, _ in host.secrets]
     names = {path: named for path, _d, named in host.secrets}
-    layered = layer([*layers, *secrets], fs.paths, host.cwd, empty_file, secrets, names)
+    layered = layer([*layers, *secrets], fs.paths, host.cwd, "", secrets, names)
     _check_cwd_visible(layered, host.cwd)
     overlays = [HomeOverlay(op.path, n) for n, op in
                 enumerate(op for op in layered if isinstance(op, HomeOverlay))]

@@ -95,7 +95,10 @@ class Sandbox:
             resolv_path = None
             if config.network:
                 resolv_path = _private_file(config.resolv_conf, 0o644, "resolv", private)
-            empty_file = _private_file("", 0, "hidden", private)
+            empty_file = ""  # for --hide FILE in the host view
+            fs = config.filesystem
+            if fs.view == "host" and any(rule.action == "hide" for rule in fs.paths):
+                empty_file = _private_file("", 0, "hidden", private)
             plan = plan_mod.build(config, resolv_path, empty_file)
             env = command_environment(
                 os.environ, project=config.filesystem.view == "project",
