@@ -251,6 +251,31 @@ def test_fs_host_restores_todays_view(run_tapbox: RunTapbox, world: World) -> No
     assert "discarded" not in proc.stderr
 
 
+def test_record_files_are_not_writable_from_inside(run_tapbox: RunTapbox,
+                                                   world: World) -> None:
+    """The log in the (writable) working directory, the capture in a --write directory, the
+    learned allowlist in the copy-on-write home: none can be changed from inside."""
+    rec = world.root / "rec"
+    rec.mkdir()
+    world.chown(rec)
+    log, pcap, learn = world.proj / "run.jsonl", rec / "run.pcap", world.home / "learned.allow"
+    found, _ = probe(run_tapbox, world, [
+        ["log", "write", str(log), "forged\n"], ["pcap", "write", str(pcap), "forged"],
+        ["learn", "write", str(learn), "0.0.0.0/0\n"],
+        ["beside", "create", str(world.proj / "beside")]],
+        "--log", "run.jsonl", "--pcap", str(pcap), "--learn", str(learn),
+        "--write", str(rec))
+    assert found["log"] == "EROFS" and found["pcap"] == "EROFS", found
+    assert found["learn"] in ("EROFS", "ok"), found  # "ok": into the home's throwaway layer
+    assert found["beside"] == "ok"  # the directory itself stays writable
+    # (the command line, in the log and the learned file's header, says "forged" itself)
+    events = [json.loads(line) for line in log.read_text().splitlines()]  # each line an event
+    assert events[0]["event"] == "start" and events[-1]["event"] == "exit"
+    assert not pcap.read_bytes().endswith(b"forged")
+    if learn.exists():
+        assert [ln for ln in learn.read_text().splitlines() if not ln.startswith("#")] == []
+
+
 def test_fs_host_applies_the_path_options(run_tapbox: RunTapbox, world: World) -> None:
     found, _ = probe(run_tapbox, world, [
         ["key", "read", str(world.home / ".ssh" / "id_test")],

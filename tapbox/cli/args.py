@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tapbox", usage=USAGE, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run a command with only the network its allowlist admits.")
+        description="Run a command with only the network its allowlist admits, in a "
+                    "read-only view of your files (docs/isolation.md).")
     parser.add_argument("-F", "--file", dest="files", action="append", default=[],
                         metavar="FILE", help="allowlist file (may repeat; rules merge)")
     parser.add_argument("--allow", dest="rules", action="append", default=[], metavar="RULE",
