@@ -501,6 +501,22 @@ def test_the_working_directory_home_or_root_is_not_made_writable(run_tapbox: Run
     assert tapbox_lines(proc.stderr) == []  # -q: no notice
 
 
+def test_a_working_directory_the_options_cover_up_stops_tapbox(run_tapbox: RunTapbox,
+                                                                world: World) -> None:
+    sub = world.home / "sub"
+    sub.mkdir()
+    world.chown(sub)
+    marker = world.root / "ran"
+    user = None if world.uid == os.getuid() else world.uid
+    proc = run_tapbox("-n", "--tmpfs", "~", cmd=["touch", str(marker)], user=user,
+                      env=world.env(), cwd=sub, timeout=SHORT)
+    assert proc.returncode == 125 and not marker.exists(), proc.stderr
+    assert proc.stderr.strip() == (
+        f"tapbox: the working directory {sub} is not in the sandbox (No such file or "
+        "directory): it is hidden or below a --tmpfs; run tapbox from another directory or "
+        "show it with --read/--write")
+
+
 def test_odd_bytes_in_paths(run_tapbox: RunTapbox, world: World) -> None:
     """Spaces, a newline, an escape and a byte that is not UTF-8, in the working directory, in
     the home directory and in a --write path."""
