@@ -234,29 +234,34 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
         ipv6_enabled = network and (ipv6 == "on" or (ipv6 == "auto" and host_has_ipv6()))
         resolv = f"nameserver {DNS_ADDRESS}\n" + \
             (f"nameserver {DNS_ADDRESS6}\n" if ipv6_enabled else "")
+        env = options.environment
         sandbox = Sandbox.spawn(SandboxConfig(argv=list(command), network=network,
                                               mtu=options.network.mtu,
-                                              root=options.environment.root,
+                                              root=env.root,
                                               ipv6=ipv6_enabled, resolv_conf=resolv,
                                               read_only_files=recording.paths(options)
-                                              if recording else ()),
+                                              if recording else (),
+                                              filesystem=options.filesystem,
+                                              setenv=env.setenv, unsetenv=env.unsetenv,
+                                              clearenv=env.clearenv),
                                 meanwhile=meanwhile if network else None)
     except BaseException:
         forwarder.restore()
         raise
     forwarder.start(sandbox.pid)
-    if options.record.verbose and sandbox.plan is not None:
-        for line in sandbox.plan.describe():
-            print(f"tapbox: sandbox: {line}", file=sys.stderr)
+    _say_plan(sandbox, options)
     _raise_fd_limit()  # after the fork: the command keeps the limits it was given
     try:
         if not network:
             sandbox.start()
-            return sandbox.wait_status()
-        import trio
+            status = sandbox.wait_status()
+        else:
+            import trio
 
-        return trio.run(_serve, sandbox, rules or [], upstreams, command, options,
-                        ipv6_enabled, recording or Recording(), host)
+            status = trio.run(_serve, sandbox, rules or [], upstreams, command, options,
+                              ipv6_enabled, recording or Recording(), host)
+        _say_discarded(sandbox)
+        return status
     finally:
         forwarder.stop()
         if sandbox.returncode is None:
@@ -264,6 +269,34 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
             sandbox.wait_status()
         sandbox.close()
         forwarder.restore(discard_pending=True)  # the caller's signal mask, as it was
+
+
+def _say_plan(sandbox: Sandbox, options: RunOptions) -> None:
+    """The sandbox's mounts (-v), and what the user should know before the command runs."""
+    from tapbox.textescape import escape
+
+    plan = sandbox.plan
+    if plan is None:
+        return
+    if options.record.verbose:
+        for line in plan.describe():
+            print(f"tapbox: sandbox: {escape(line)}", file=sys.stderr)
+    if options.record.report != "quiet":
+        for line in plan.notices:
+            print(f"tapbox: {escape(line)}", file=sys.stderr)
+
+
+def _say_discarded(sandbox: Sandbox) -> None:
+    """Nothing is lost silently: what the command wrote to its copy-on-write home, once the
+    sandbox is gone (even with -q)."""
+    plan = sandbox.plan
+    if sandbox.layer_fd is None or plan is None or plan.home is None:
+        return
+    from tapbox.isolate import discarded
+
+    line = discarded.describe(discarded.count(sandbox.layer_fd, plan.layers, plan.home))
+    if line is not None:
+        print(f"tapbox: {line}", file=sys.stderr)
 
 
 async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str, int]],

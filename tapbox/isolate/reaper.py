@@ -23,7 +23,8 @@ the command before it runs, as it would have stopped it a moment later.
 
 The command's side of the fork: default dispositions for every caught signal and for SIGPIPE and
 SIGXFSZ (which Python ignores), an inherited ignore kept (as subprocess does), an empty mask, then
-execvp(argv) with TAPBOX=1 added to the environment. On failure: "tapbox: CMD: strerror" and
+execvp(argv) with the environment tapbox made for it (tapbox.isolate.environment: TAPBOX=1
+among others). On failure: "tapbox: CMD: strerror" and
 exit 127 (not found) or 126 (anything else), as env(1). no_new_privs and the seccomp filter were
 set on pid 1 already and carry over.
 """
@@ -41,11 +42,9 @@ from tapbox.isolate.libc import Libc
 from tapbox.isolate.signals import FORWARDED_SIGNALS, should_forward
 
 WAITED = FORWARDED_SIGNALS | {signal.SIGCHLD}
-# Set in the command's environment, so that a shell prompt or a script can tell it is sandboxed.
-SANDBOX_ENVIRONMENT = {"TAPBOX": "1"}
 
 
-def run(argv: list[str], libc: Libc) -> NoReturn:
+def run(argv: list[str], env: dict[str, str], libc: Libc) -> NoReturn:
     """Fork and exec the command, then serve as pid 1 until it exits (every signal blocked)."""
     early = _take_pending()
     try:
@@ -57,7 +56,7 @@ def run(argv: list[str], libc: Libc) -> NoReturn:
         os._exit(EXIT_TAPBOX_FAILED)
     if command == 0:  # pragma: no cover - the command's side: leaves through exec or _exit
         _restore_signals(libc)
-        _exec(argv)
+        _exec(argv, env)
     for signo in early:
         _send(command, signo)
     while True:
@@ -106,9 +105,9 @@ def _send(command: int, signo: int) -> None:
         os.kill(command, signo)
 
 
-def _exec(argv: list[str]) -> NoReturn:
+def _exec(argv: list[str], env: dict[str, str]) -> NoReturn:
     try:
-        os.execvpe(argv[0], argv, {**os.environ, **SANDBOX_ENVIRONMENT})
+        os.execvpe(argv[0], argv, env)
     except OSError as e:
         code = EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE
         reason = e.strerror or str(e)
