@@ -4,7 +4,13 @@ Everything that can fail is done before the command runs (the allowlist parses, 
 upstream is known, the sandbox is set up, the engine reads the TAP device); only then is the
 sandbox told to exec. If the engine fails afterwards, for whatever reason, the command is
 killed at once, tapbox says so in one line and exits 125: tapbox never leaves a command
-running without its firewall.
+running without its firewall. With --timeout, the whole sandbox is killed when the time is up
+and tapbox exits 124 (as timeout(1)).
+
+The sandbox's supervisor thread (tapbox.isolate.supervisor) names every system call the policy
+refuses; `ViolationSink` passes each to the audit layer in the thread that owns it (the trio
+loop, through its token, or directly in a run without network, where the main thread only
+waits).
 
 What to do comes as RunOptions (tapbox.options), however it was given: command line, profile
 or API; the command comes with it, separately.
@@ -27,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tapbox.allowlist import Allowlist, AllowlistError, Rule, load_file, parse_rule
-from tapbox.errors import EXIT_TAPBOX_FAILED, SetupError
+from tapbox.errors import EXIT_TAPBOX_FAILED, EXIT_TIMEOUT, SetupError
 from tapbox.isolate import Sandbox, SandboxConfig, SignalForwarder
 from tapbox.layout import DNS_ADDRESS, DNS_ADDRESS6
 from tapbox.options import AllowRule, RunOptions
@@ -35,6 +41,7 @@ from tapbox.options import AllowRule, RunOptions
 if TYPE_CHECKING:
     from tapbox.audit import Audit
     from tapbox.eventlog import EventLog
+    from tapbox.isolate.supervisor import Violation
     from tapbox.learn import Learner
     from tapbox.pcap import PcapWriter
 
@@ -94,6 +101,87 @@ def _upstreams(options: RunOptions) -> list[tuple[str, int]]:
         except ValueError as exc:
             raise SetupError(f"--dns-upstream: {exc}") from None
     return upstreams_from_resolv_conf()
+
+
+class ViolationSink:
+    """Refused system calls, from the supervisor thread to the audit layer's thread."""
+
+    MAX_PENDING = 1000
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._audit: Audit | None = None
+        self._token: object | None = None  # trio's TrioToken while the loop runs
+        self._pending: list[Violation] = []
+
+    def __call__(self, violation: Violation) -> None:
+        with self._lock:
+            audit, token = self._audit, self._token
+            if audit is None:
+                if len(self._pending) < self.MAX_PENDING:
+                    self._pending.append(violation)
+                return
+        if token is None:
+            audit.syscall_refused(violation)
+            return
+        try:
+            token.run_sync_soon(audit.syscall_refused, violation)  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - trio.RunFinishedError: the loop is over
+            with self._lock:
+                self._token = None
+            audit.syscall_refused(violation)
+
+    def attach(self, audit: Audit | None, token: object | None = None) -> None:
+        """From now on report to `audit` (through `token` if given); None: hold them again."""
+        with self._lock:
+            self._audit, self._token = audit, token
+            pending, self._pending = self._pending, []
+        for violation in pending:
+            if audit is not None:
+                audit.syscall_refused(violation)
+
+
+def _rlimits(options: RunOptions) -> tuple[tuple[int, int], ...]:
+    """The command's resource limits as (RLIMIT_*, value); SetupError if one is above the hard
+    limit tapbox itself was given (an unprivileged process cannot raise it)."""
+    import resource
+
+    limits = options.limits
+    wanted = [(resource.RLIMIT_DATA, limits.memory, "--memory"),
+              # pid 1 of the sandbox runs as the same user: one more
+              (resource.RLIMIT_NPROC, limits.max_procs and limits.max_procs + 1, "--max-procs"),
+              (resource.RLIMIT_NOFILE, limits.max_files, "--max-files")]
+    out: list[tuple[int, int]] = []
+    if limits.max_procs is not None and os.getuid() == 0:
+        raise SetupError("tapbox: --max-procs cannot be enforced when tapbox runs as root: the "
+                         "kernel exempts uid 0 from RLIMIT_NPROC; run tapbox as another user")
+    for which, value, flag in wanted:
+        if value is None:
+            continue
+        _soft, hard = resource.getrlimit(which)
+        if hard != resource.RLIM_INFINITY and value > hard:
+            raise SetupError(f"tapbox: {flag}: {value} is above the hard limit tapbox was given "
+                             f"({hard}): ask for less, or raise it (ulimit -H)")
+        out.append((which, value))
+    return tuple(out)
+
+
+def limits_description(options: RunOptions) -> str | None:
+    """What the limits are and how they are enforced, for -v and the log; None if none."""
+    limits = options.limits
+    parts = []
+    if limits.timeout is not None:
+        parts.append(f"time {limits.timeout:g}s for the whole sandbox")
+    if limits.memory is not None:
+        parts.append(f"memory {limits.memory} bytes per process (RLIMIT_DATA)")
+    if limits.max_procs is not None:
+        parts.append(f"{limits.max_procs} processes and threads (RLIMIT_NPROC, counted in "
+                     "the sandbox's user namespace)")
+    if limits.max_files is not None:
+        parts.append(f"{limits.max_files} open files per process (RLIMIT_NOFILE)")
+    return "; ".join(parts) if parts else None
 
 
 @dataclass
@@ -182,8 +270,12 @@ def run(command: Sequence[str], options: RunOptions) -> int:
 
 def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
                  rules: list[Rule] | None = None, recording: Recording | None = None) -> int:
+    from tapbox.isolate.syscalls import policy_for
+
     upstreams = _upstreams(options) if network else []
     host: list[str] = []  # the host's own addresses, guarded like its loopback
+    rlimits = _rlimits(options)
+    policy = policy_for(options.process.syscalls, options.process.syscall_allow)
 
     def meanwhile() -> None:
         from tapbox.hostaddrs import host_addresses
@@ -195,6 +287,7 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
         print("tapbox: no DNS upstream (none in /etc/resolv.conf; use --dns-upstream): "
               "names will not resolve", file=sys.stderr)
     forwarder = SignalForwarder()
+    violations = ViolationSink()
     try:
         ipv6 = options.network.ipv6
         ipv6_enabled = network and (ipv6 == "on" or (ipv6 == "auto" and host_has_ipv6()))
@@ -205,24 +298,38 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
                                               root=options.environment.root,
                                               ipv6=ipv6_enabled, resolv_conf=resolv,
                                               read_only_files=recording.paths(options)
-                                              if recording else ()),
-                                meanwhile=meanwhile if network else None)
+                                              if recording else (),
+                                              syscalls=policy, nest=options.process.nest,
+                                              rlimits=rlimits),
+                                meanwhile=meanwhile if network else None,
+                                on_violation=violations)
     except BaseException:
         forwarder.restore()
         raise
     forwarder.start(sandbox.pid)
-    if options.record.verbose and sandbox.plan is not None:
-        for line in sandbox.plan.describe():
-            print(f"tapbox: sandbox: {line}", file=sys.stderr)
+    if options.record.verbose:
+        for line in _describe_sandbox(sandbox, options):
+            print(f"tapbox: {line}", file=sys.stderr)
     _raise_fd_limit()  # after the fork: the command keeps the limits it was given
     try:
         if not network:
+            from tapbox.audit import Audit
+
+            audit = Audit(verbose=options.record.verbose,
+                          quiet=options.record.report == "quiet")
+            violations.attach(audit)
             sandbox.start()
-            return sandbox.wait_status()
+            status = _wait(sandbox, options.limits.timeout)
+            if status is None:
+                audit.timeout(options.limits.timeout or 0)
+                status = EXIT_TIMEOUT
+            _explain_status(audit, sandbox, status, options)
+            audit.print_summary()
+            return status
         import trio
 
         return trio.run(_serve, sandbox, rules or [], upstreams, command, options,
-                        ipv6_enabled, recording or Recording(), host)
+                        ipv6_enabled, recording or Recording(), host, violations)
     finally:
         forwarder.stop()
         if sandbox.returncode is None:
@@ -232,9 +339,45 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
         forwarder.restore(discard_pending=True)  # the caller's signal mask, as it was
 
 
+def _wait(sandbox: Sandbox, timeout: float | None) -> int | None:
+    """The sandbox's exit status, or None (the sandbox killed and reaped) if `timeout`
+    seconds passed first."""
+    if timeout is None or sandbox.wait_status_within(timeout):
+        return sandbox.wait_status()
+    sandbox.kill()
+    sandbox.wait_status()
+    return None
+
+
+def _describe_sandbox(sandbox: Sandbox, options: RunOptions) -> list[str]:
+    """-v: the plan, the system-call policy (and whether violations are named), the limits."""
+    lines = [f"sandbox: {line}" for line in (sandbox.plan.describe() if sandbox.plan else [])]
+    process = options.process
+    allowed = f" + {' '.join(process.syscall_allow)}" if process.syscall_allow else ""
+    named = "refused calls are named" if not sandbox.unnamed_because else \
+        f"refused calls are not named ({sandbox.unnamed_because})"
+    lines.append(f"sandbox: system calls: {process.syscalls}{allowed}; {named}")
+    if not process.nest:
+        lines.append("sandbox: no nesting: user.max_user_namespaces = 0 inside")
+    described = limits_description(options)
+    if described:
+        lines.append(f"sandbox: limits: {described}")
+    return lines
+
+
+def _explain_status(audit: Audit, sandbox: Sandbox, status: int, options: RunOptions) -> None:
+    """A command killed by SIGSYS met a filter that could not name the call: say so."""
+    import signal
+
+    if status == 128 + signal.SIGSYS and not sandbox.violations:
+        why = f" ({sandbox.unnamed_because})" if sandbox.unnamed_because else ""
+        audit.say(f"the command was killed by SIGSYS: it made a system call that --syscalls "
+                  f"{options.process.syscalls} forbids; the call could not be named{why}")
+
+
 async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str, int]],
                  command: Sequence[str], options: RunOptions, ipv6: bool,
-                 recording: Recording, host: list[str]) -> int:
+                 recording: Recording, host: list[str], violations: ViolationSink) -> int:
     import trio
 
     from netstack.iface import InterfaceConfig
@@ -260,7 +403,10 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
         command=list(command), cwd=os.getcwd(), tapbox_pid=os.getpid(),
         sandbox_pid=sandbox.pid, allowlist=recording.sources, rules=len(rules),
         dns_upstreams=[f"{host}:{port}" for host, port in upstreams],
-        pcap=record.pcap)
+        pcap=record.pcap, syscalls=options.process.syscalls,
+        syscall_allow=list(options.process.syscall_allow), nest=options.process.nest,
+        limits=limits_description(options))
+    violations.attach(audit, trio.lowlevel.current_trio_token())
     guard = Guard(host)
     if audit_mode:
         from tapbox.auditpolicy import AuditPolicy
@@ -291,11 +437,19 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
                 await nursery.start(attributor.run)
             await nursery.start(engine.run)
             sandbox.start()
-            status = await sandbox.wait()
-            # The command may have closed sockets whose data its kernel is still sending:
-            # keep serving until those connections finish, for a bounded time.
-            with trio.move_on_after(DRAIN_TIMEOUT):
-                await engine.drain()
+            timeout = options.limits.timeout
+            with trio.move_on_after(timeout if timeout is not None else float("inf")) as limit:
+                status = await sandbox.wait()
+            if limit.cancelled_caught:
+                sandbox.kill()
+                await sandbox.wait()
+                audit.timeout(timeout or 0)
+                status = EXIT_TIMEOUT
+            else:
+                # The command may have closed sockets whose data its kernel is still sending:
+                # keep serving until those connections finish, for a bounded time.
+                with trio.move_on_after(DRAIN_TIMEOUT):
+                    await engine.drain()
             nursery.cancel_scope.cancel()
     except Exception as exc:  # the engine died (an ExceptionGroup from the nurseries)
         sandbox.kill()
@@ -306,7 +460,9 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
             recording.learner = None
         status = EXIT_TAPBOX_FAILED
     finally:
+        violations.attach(audit)  # the loop ends: report from the supervisor's thread
         os.close(sandbox.tap_fd)
+        _explain_status(audit, sandbox, status, options)
         drops = engine.drop_counts()
         if record.verbose and drops:
             from tapbox.dropreasons import summarize

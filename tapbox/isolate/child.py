@@ -58,7 +58,7 @@ from tapbox.isolate.libc import (
     PR_SET_PDEATHSIG,
     Libc,
 )
-from tapbox.isolate.namespaces import enter_namespaces
+from tapbox.isolate.namespaces import enter_namespaces, forbid_user_namespaces
 from tapbox.isolate.plan import Plan
 from tapbox.isolate.tap import configure_links, open_tap
 
@@ -113,21 +113,28 @@ def init_main(
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # tapbox is our parent (CLONE_PARENT)
         libc.set_name(INIT_NAME)
         tap_fd = _set_up(libc, config, plan, host)
+        listener: int | None = None
         try:
-            _lock_down(libc, config)
-            if tap_fd is None:
-                sock.send(MSG_READY)
-            else:
-                socket.send_fds(sock, [MSG_READY], [tap_fd])
+            listener, note = _lock_down(libc, config)
+            fds = [fd for fd in (tap_fd, listener) if fd is not None]
+            ready = MSG_READY + (b"T" if tap_fd is not None else b"") + \
+                (b"L" if listener is not None else b"") + b"|" + note.encode()
+            socket.send_fds(sock, [ready], fds) if fds else sock.send(ready)
         finally:
-            if tap_fd is not None:
-                os.close(tap_fd)  # tapbox owns it now; nothing in the sandbox may hold it
+            for fd in (tap_fd, listener):  # tapbox owns them now; nothing in the sandbox may
+                if fd is not None:         # hold the TAP fd, nor its own filter's listener
+                    os.close(fd)
         if sock.recv(16) != MSG_GO:  # EOF: tapbox died or gave up -> never run the command
             os._exit(EXIT_TAPBOX_FAILED)
-        sock.close()
         from tapbox.isolate import reaper
 
-        reaper.run(config.argv, libc)
+        own = config.syscalls if config.syscalls is not None and \
+            config.syscalls.is_allow_list else None  # an allow list: the command loads it
+        handover = own is not None and config.notify
+        if not handover:
+            sock.close()
+        reaper.run(config.argv, libc, reaper.CommandSetup(
+            own, config.notify, sock if handover else None, config.rlimits))
     except SetupError as e:
         _report(sock, str(e))
     except BaseException as e:  # noqa: B036 - anything at all must end in _exit, never return
@@ -150,13 +157,19 @@ def _set_up(libc: Libc, config: SandboxConfig, plan: Plan, host: Host) -> int | 
     return tap_fd
 
 
-def _lock_down(libc: Libc, config: SandboxConfig) -> None:
+def _lock_down(libc: Libc, config: SandboxConfig) -> tuple[int | None, str]:
     """The last set-up step: no CAP_SYS_ADMIN in the sandbox any more, no_new_privs, the
-    seccomp filter."""
+    seccomp filter. Returns the filter's listener fd (None: violations are not named) and,
+    if they are not, why."""
     from tapbox.isolate import seccomp  # here: tapbox itself does not pay for its import
 
     lib = seccomp.Libseccomp()
-    syscall_filter = seccomp.compile_filter(config.syscalls or seccomp.DEFAULT_POLICY, lib)
+    policy = config.syscalls or seccomp.DEFAULT_POLICY
+    # An allow list is the command's own to load (reaper.CommandSetup): pid 1 could not reap
+    # under it. Pid 1 keeps the terminal guard, and leaves the one listener a chain of filters
+    # may have to the command's filter.
+    pid1_policy, notify = (seccomp.GUARD_POLICY, False) if policy.is_allow_list \
+        else (policy, config.notify)
     capset = lib.syscall_number("capset")
     err = libc.prctl(PR_CAPBSET_DROP, CAP_SYS_ADMIN)
     if not err:
@@ -164,14 +177,13 @@ def _lock_down(libc: Libc, config: SandboxConfig) -> None:
     if err:
         reason = os.strerror(err) if err > 0 else "libseccomp does not know capset"
         raise SetupError(f"tapbox: dropping CAP_SYS_ADMIN in the sandbox: {reason}")
-    err = libc.prctl(PR_SET_NO_NEW_PRIVS, 1) or syscall_filter.load()
+    if not config.nest:
+        forbid_user_namespaces(libc, capset)
+    err = libc.prctl(PR_SET_NO_NEW_PRIVS, 1)
     if err:
-        raise SetupError(
-            f"tapbox: cannot install the sandbox's seccomp filter: {os.strerror(err)}: the "
-            "kernel needs CONFIG_SECCOMP_FILTER (and no seccomp profile above tapbox that "
-            "forbids it)"
-        )
-    syscall_filter.release()  # the kernel has its own copy
+        raise SetupError(f"tapbox: cannot set no_new_privs in the sandbox: {os.strerror(err)}")
+    installed = seccomp.install(pid1_policy, lib, notify=notify)
+    return installed.listener, installed.unnamed_because or ""
 
 
 def _legacy_clone_nr() -> int | None:

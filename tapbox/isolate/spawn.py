@@ -30,13 +30,18 @@ import signal
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from tapbox.errors import SetupError
 from tapbox.isolate import plan as plan_mod
 from tapbox.isolate.child import MSG_ERROR, MSG_GO, MSG_PID, MSG_READY, PID_FORMAT, child_main
 from tapbox.isolate.config import SandboxConfig
+from tapbox.isolate.syscalls import DEFAULT_POLICY, GUARD_POLICY, Policy
+
+if TYPE_CHECKING:
+    from tapbox.isolate.supervisor import Supervisor, Violation
 
 # How long spawn() waits for the child to report set-up done (pyroute2's import alone is ~0.2 s).
 SETUP_TIMEOUT = 60.0
@@ -51,6 +56,10 @@ class Sandbox:
     pid: int
     tap_fd: int | None
     plan: plan_mod.Plan | None = None  # the filesystem set-up pid 1 executed
+    # The seccomp listener of the filter pid 1 loaded (tapbox.isolate.supervisor names what it
+    # refuses), or None, and then `unnamed_because` may say why.
+    listener: int | None = None
+    unnamed_because: str = ""
 
     def __init__(self, pid: int, sock: socket.socket, pidfd: int | None) -> None:
         self.pid = pid
@@ -61,15 +70,40 @@ class Sandbox:
         self._status: int | None = None
         self._wait_lock = threading.Lock()
         self._trio_waiting = False
+        self._command_policy: Policy | None = None  # an allow list whose violations are named
+        self._late: socket.socket | None = None  # the socket, kept for its listener
+        self._resolv_path: str | None = None  # the private resolv.conf, removed by close()
+        self.supervisor: Supervisor | None = None
+
+    def _supervise(self, policy: Policy,
+                   on_violation: Callable[[Violation], None] | None) -> None:
+        """Start the supervisor thread if anything is to be named (pid 1's filter, or later the
+        command's)."""
+        if self.listener is None and self._command_policy is None:
+            return
+        from tapbox.isolate.supervisor import Supervisor
+
+        self.supervisor = Supervisor(on_violation).start()
+        if self.listener is not None:
+            listener, self.listener = self.listener, None
+            self.supervisor.add(listener, GUARD_POLICY if policy.is_allow_list else policy)
+
+    @property
+    def violations(self) -> list[Violation]:
+        """The refused system calls named so far (at most supervisor.MAX_KEPT)."""
+        return self.supervisor.violations if self.supervisor is not None else []
 
     @classmethod
     def spawn(cls, config: SandboxConfig,
-              meanwhile: Callable[[], object] | None = None) -> Sandbox:
+              meanwhile: Callable[[], object] | None = None,
+              on_violation: Callable[[Violation], None] | None = None) -> Sandbox:
         """Fork the child and return once it is set up (TAP fd received) and waiting for start().
 
         Call it before trio.run() or any thread starts, from the main thread.
         `meanwhile` runs in the parent while the child sets up (e.g. the engine's imports: the
         two overlap on a multi-core machine). Raises SetupError naming cause and fix.
+        Refused system calls are answered by the sandbox's supervisor thread, which passes
+        each to `on_violation` (from that thread) and keeps them in `violations`.
         """
         if not config.argv:
             raise SetupError("tapbox: no command given: usage: tapbox [OPTIONS] -- CMD [ARGS...]")
@@ -98,48 +132,61 @@ class Sandbox:
                 pidfd = None
             sandbox = cls(pid, parent_sock, pidfd)
             sandbox.plan = plan
+            policy = config.syscalls or DEFAULT_POLICY
+            sandbox._command_policy = policy if policy.is_allow_list and config.notify else None
             try:
                 if meanwhile is not None:
                     meanwhile()
                 sandbox.tap_fd = sandbox._receive_ready(config.network)
+                sandbox._supervise(policy, on_violation)
             except BaseException:
                 sandbox.kill()
                 sandbox.wait_status()
                 sandbox.close()
                 raise
+            # Kept until close(): a file bind-mounted inside must stay linked, or a sandbox in
+            # this one cannot mount its own resolv.conf over it (the kernel refuses to mount on
+            # a deleted file: ENOENT).
+            sandbox._resolv_path, resolv_path = resolv_path, None
             return sandbox
         finally:
-            # The child has bind-mounted it (the mount keeps the inode) or failed: either way the
-            # name is no longer needed.
-            if resolv_path is not None:
+            if resolv_path is not None:  # the child failed: the name is no longer needed
                 with contextlib.suppress(OSError):
                     os.unlink(resolv_path)
 
     def _receive_ready(self, network: bool) -> int | None:
-        """Wait for pid 1's pid (b"P") and its readiness (b"R", with the TAP fd)."""
+        """Wait for pid 1's pid (b"P") and its readiness: b"R", flags (T: the TAP fd follows,
+        L: the seccomp listener follows, in that order), "|" and a note on naming violations.
+        Returns the TAP fd; the listener goes to `self.listener`."""
         assert self._sock is not None
-        tap_fds: list[int] | None = None
-        while tap_fds is None or self._setup_pid is not None:
-            msg, fds = self._receive()
-            if msg.startswith(MSG_PID) and len(msg) == 1 + PID_FORMAT.size and not fds:
-                self._adopt(PID_FORMAT.unpack_from(msg, 1)[0])
-            elif msg.startswith(MSG_READY) and tap_fds is None:
-                tap_fds = fds
+        fds: list[int] | None = None
+        msg = b""
+        while fds is None or self._setup_pid is not None:
+            got, got_fds = self._receive()
+            if got.startswith(MSG_PID) and len(got) == 1 + PID_FORMAT.size and not got_fds:
+                self._adopt(PID_FORMAT.unpack_from(got, 1)[0])
+            elif got.startswith(MSG_READY) and fds is None:
+                msg, fds = got, got_fds
             else:
-                for fd in fds:
+                for fd in got_fds:
                     os.close(fd)
-                self._fail(msg)
+                self._fail(got)
         self._sock.settimeout(None)
-        if not network:
-            for fd in tap_fds:
-                os.close(fd)
-            return None
-        if len(tap_fds) != 1:
-            for fd in tap_fds:
+        flags, _, note = msg[1:].partition(b"|")
+        want = [(b"T" in flags), (b"L" in flags)]
+        if len(fds) != sum(want) or (network and not want[0]):
+            for fd in fds:
                 os.close(fd)
             raise SetupError("tapbox: internal error: the TAP fd did not arrive from the sandbox")
-        os.set_blocking(tap_fds[0], False)
-        return tap_fds[0]
+        tap_fd = fds.pop(0) if want[0] else None
+        self.listener = fds.pop(0) if want[1] else None
+        self.unnamed_because = note.decode("utf-8", "replace")
+        if tap_fd is not None and not network:
+            os.close(tap_fd)
+            tap_fd = None
+        if tap_fd is not None:
+            os.set_blocking(tap_fd, False)
+        return tap_fd
 
     def _receive(self) -> tuple[bytes, list[int]]:
         assert self._sock is not None
@@ -199,7 +246,44 @@ class Sandbox:
             return
         with contextlib.suppress(OSError):  # child already gone: wait_status() tells how
             sock.send(MSG_GO, socket.MSG_NOSIGNAL)
-        sock.close()
+        if self._command_policy is None:
+            sock.close()
+            return
+        self._late = sock
+        threading.Thread(target=self._take_command_listener, name="tapbox-listener",
+                         daemon=True).start()
+
+    def _take_command_listener(self) -> None:
+        fd, why = self._command_listener()
+        if fd is not None and self.supervisor is not None and self._command_policy is not None:
+            self.supervisor.add(fd, self._command_policy)
+        elif fd is not None:
+            os.close(fd)
+        else:
+            self.unnamed_because = why
+
+    def _command_listener(self) -> tuple[int | None, str]:
+        """After start(), with an allow-list policy (strict) that names violations: wait for
+        the listener of the command's own filter (reaper.CommandSetup). Returns (fd, "") or
+        (None, why there is none). Blocks until pid 1 hands it over or exits."""
+        sock, self._late = self._late, None
+        if sock is None:
+            return None, ""
+        from tapbox.isolate.reaper import MSG_LISTENER, MSG_NO_LISTENER
+
+        try:
+            msg, fds = _recv_with_fds(sock)
+        except OSError as e:
+            return None, str(e)
+        finally:
+            sock.close()
+        if msg.startswith(MSG_LISTENER) and len(fds) == 1:
+            return fds[0], ""
+        for fd in fds:
+            os.close(fd)
+        if msg.startswith(MSG_NO_LISTENER):
+            return None, msg[1:].decode("utf-8", "replace")
+        return None, "the command did not start"
 
     def send_signal(self, signo: int) -> None:
         """Send a signal to the child; a no-op once it has been reaped."""
@@ -225,6 +309,26 @@ class Sandbox:
                 if not self._trio_waiting:
                     self._close_pidfd()
             return self._status
+
+    def wait_status_within(self, timeout: float) -> bool:
+        """Block until the child exits or `timeout` seconds pass; whether it exited (then
+        wait_status() returns at once)."""
+        if self._status is not None:
+            return True
+        if self._pidfd is not None:
+            import select
+
+            poller = select.poll()
+            poller.register(self._pidfd, select.POLLIN)
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                if poller.poll(max(1, int(left * 1000))):
+                    return True
+            return False
+        waiter = threading.Thread(target=self.wait_status, daemon=True)  # kernel < 5.3
+        waiter.start()
+        waiter.join(timeout)
+        return not waiter.is_alive()
 
     async def wait(self) -> int:
         """trio: wait for the child to exit (cancellable) and return wait_status().
@@ -257,9 +361,20 @@ class Sandbox:
 
         Closing the control socket before start() makes the child exit 125 without exec.
         """
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        for attr in ("_sock", "_late"):
+            sock = getattr(self, attr)
+            if sock is not None:
+                sock.close()
+                setattr(self, attr, None)
+        if self.listener is not None:
+            os.close(self.listener)
+            self.listener = None
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        if self._resolv_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._resolv_path)
+            self._resolv_path = None
         if not self._trio_waiting:
             self._close_pidfd()
 
