@@ -160,6 +160,7 @@ class ProcessOptions(_Part):
     syscalls: SyscallMode = "default"
     syscall_allow: tuple[str, ...] = field(default=(), metadata=ADDS)  # names and @groups
     nest: bool = True  # False: --no-nest, no user namespaces (so no sandbox) inside
+    landlock: bool = False  # Landlock rules mirroring the read-only parts of the view
 
 
 @dataclass(frozen=True)

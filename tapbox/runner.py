@@ -300,6 +300,7 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
                                               read_only_files=recording.paths(options)
                                               if recording else (),
                                               syscalls=policy, nest=options.process.nest,
+                                              landlock=options.process.landlock,
                                               rlimits=rlimits),
                                 meanwhile=meanwhile if network else None,
                                 on_violation=violations)
@@ -359,6 +360,8 @@ def _describe_sandbox(sandbox: Sandbox, options: RunOptions) -> list[str]:
     lines.append(f"sandbox: system calls: {process.syscalls}{allowed}; {named}")
     if not process.nest:
         lines.append("sandbox: no nesting: user.max_user_namespaces = 0 inside")
+    if sandbox.landlock:
+        lines.append(f"sandbox: {sandbox.landlock}")
     described = limits_description(options)
     if described:
         lines.append(f"sandbox: limits: {described}")

@@ -107,7 +107,8 @@ def test_defaults_are_a_bare_run() -> None:
                                            verbose=False)
     assert options.limits == LimitsOptions(timeout=None, memory=None, max_procs=None,
                                            max_files=None)  # unlimited
-    assert options.process == ProcessOptions(syscalls="default", syscall_allow=(), nest=True)
+    assert options.process == ProcessOptions(syscalls="default", syscall_allow=(), nest=True,
+                                             landlock=False)
     assert not options.record.audit_mode
 
 
@@ -247,6 +248,7 @@ def test_bare_command_line_is_the_defaults() -> None:
     (["--syscall-allow", "@io_uring", "--syscall-allow", "getrandom"], "process.syscall_allow",
      ("@io_uring", "getrandom")),
     (["--no-nest"], "process.nest", False),
+    (["--landlock"], "process.landlock", True),
     (["--timeout", "1.5m"], "limits.timeout", 90.0),
     (["--timeout", "45"], "limits.timeout", 45.0),
     (["--memory", "512M"], "limits.memory", 512_000_000),

@@ -139,6 +139,7 @@ EXAMPLE = """\
     syscalls = "strict"
     syscall_allow = ["@files_read", "getrandom"]
     nest = false
+    landlock = true
 
     [limits]
     timeout = "10m"
@@ -167,8 +168,8 @@ def test_every_key_of_the_documented_example(tmp_path: Path,
     assert (record.pcap_limit, record.audit, record.report, record.verbose) == \
         (20_000_000, False, "summary", True)
     process = options.process
-    assert (process.syscalls, process.syscall_allow, process.nest) == \
-        ("strict", ("@files_read", "getrandom"), False)
+    assert (process.syscalls, process.syscall_allow, process.nest, process.landlock) == \
+        ("strict", ("@files_read", "getrandom"), False, True)
     limits = options.limits
     assert (limits.timeout, limits.memory, limits.max_procs, limits.max_files) == \
         (600.0, 2_000_000_000, 100, 256)

@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     confine.add_argument("--no-nest", action="store_true",
                          help="no user namespaces inside: no sandbox (tapbox, bubblewrap, a "
                               "browser's) can be created in this one")
+    confine.add_argument("--landlock", action="store_true",
+                         help="also enforce the read-only parts of the view with Landlock, "
+                              "where the kernel has it (a landlocked sandbox cannot mount, so "
+                              "no tapbox can run inside it)")
     limits = parser.add_argument_group("resource limits (default: none)")
     limits.add_argument("--timeout", metavar="DURATION",
                         help="kill the whole sandbox after DURATION (30s, 10m, 2h) and exit 124")
@@ -128,6 +132,7 @@ _FLAGS: list[tuple[str, str, str, Callable[[Any], Any]]] = [
     ("syscalls", "process.syscalls", "--syscalls", str),
     ("syscall_allow", "process.syscall_allow", "--syscall-allow", tuple),
     ("no_nest", "process.nest", "--no-nest", lambda _: False),
+    ("landlock", "process.landlock", "--landlock", bool),
     ("timeout", "limits.timeout", "--timeout", float),
     ("memory", "limits.memory", "--memory", int),
     ("max_procs", "limits.max_procs", "--max-procs", int),

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -115,10 +116,10 @@ def init_main(
         tap_fd = _set_up(libc, config, plan, host)
         listener: int | None = None
         try:
-            listener, note = _lock_down(libc, config)
+            listener, notes = _lock_down(libc, config, plan)
             fds = [fd for fd in (tap_fd, listener) if fd is not None]
             ready = MSG_READY + (b"T" if tap_fd is not None else b"") + \
-                (b"L" if listener is not None else b"") + b"|" + note.encode()
+                (b"L" if listener is not None else b"") + b"|" + json.dumps(notes).encode()
             socket.send_fds(sock, [ready], fds) if fds else sock.send(ready)
         finally:
             for fd in (tap_fd, listener):  # tapbox owns them now; nothing in the sandbox may
@@ -157,10 +158,12 @@ def _set_up(libc: Libc, config: SandboxConfig, plan: Plan, host: Host) -> int | 
     return tap_fd
 
 
-def _lock_down(libc: Libc, config: SandboxConfig) -> tuple[int | None, str]:
-    """The last set-up step: no CAP_SYS_ADMIN in the sandbox any more, no_new_privs, the
-    seccomp filter. Returns the filter's listener fd (None: violations are not named) and,
-    if they are not, why."""
+def _lock_down(libc: Libc, config: SandboxConfig, plan: Plan) -> tuple[int | None,
+                                                                       dict[str, str]]:
+    """The last set-up step: no CAP_SYS_ADMIN in the sandbox any more, no_new_privs, Landlock
+    (--landlock), the seccomp filter. Returns the filter's listener fd (None: violations are
+    not named) and notes for tapbox: "unnamed" (why violations are not named), "landlock"
+    (what Landlock enforces)."""
     from tapbox.isolate import seccomp  # here: tapbox itself does not pay for its import
 
     lib = seccomp.Libseccomp()
@@ -182,8 +185,18 @@ def _lock_down(libc: Libc, config: SandboxConfig) -> tuple[int | None, str]:
     err = libc.prctl(PR_SET_NO_NEW_PRIVS, 1)
     if err:
         raise SetupError(f"tapbox: cannot set no_new_privs in the sandbox: {os.strerror(err)}")
+    notes: dict[str, str] = {}
+    if config.landlock:
+        from tapbox.isolate import landlock
+
+        try:
+            notes["landlock"] = landlock.enforce(plan)
+        except OSError as e:
+            raise SetupError(f"tapbox: --landlock: {e.strerror}: run without --landlock") from None
     installed = seccomp.install(pid1_policy, lib, notify=notify)
-    return installed.listener, installed.unnamed_because or ""
+    if installed.unnamed_because:
+        notes["unnamed"] = installed.unnamed_because
+    return installed.listener, notes
 
 
 def _legacy_clone_nr() -> int | None:

@@ -25,6 +25,7 @@ Suggested use (cli)::
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -60,6 +61,7 @@ class Sandbox:
     # refuses), or None, and then `unnamed_because` may say why.
     listener: int | None = None
     unnamed_because: str = ""
+    landlock: str = ""  # with --landlock: what it enforces (or why nothing), for -v
 
     def __init__(self, pid: int, sock: socket.socket, pidfd: int | None) -> None:
         self.pid = pid
@@ -156,7 +158,8 @@ class Sandbox:
 
     def _receive_ready(self, network: bool) -> int | None:
         """Wait for pid 1's pid (b"P") and its readiness: b"R", flags (T: the TAP fd follows,
-        L: the seccomp listener follows, in that order), "|" and a note on naming violations.
+        L: the seccomp listener follows, in that order), "|" and notes (JSON: "unnamed", why
+        violations are not named; "landlock", what Landlock enforces).
         Returns the TAP fd; the listener goes to `self.listener`."""
         assert self._sock is not None
         fds: list[int] | None = None
@@ -180,7 +183,12 @@ class Sandbox:
             raise SetupError("tapbox: internal error: the TAP fd did not arrive from the sandbox")
         tap_fd = fds.pop(0) if want[0] else None
         self.listener = fds.pop(0) if want[1] else None
-        self.unnamed_because = note.decode("utf-8", "replace")
+        try:
+            notes = json.loads(note.decode("utf-8", "replace") or "{}")
+        except ValueError:
+            notes = {}
+        self.unnamed_because = str(notes.get("unnamed", ""))
+        self.landlock = str(notes.get("landlock", ""))
         if tap_fd is not None and not network:
             os.close(tap_fd)
             tap_fd = None
