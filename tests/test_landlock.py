@@ -42,14 +42,16 @@ class Writable:
 
 @pytest.fixture
 def test_ops(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(landlock.READINGS, ReadOnlyRoot, lambda op: (landlock.Claim("/", False),))
-    monkeypatch.setitem(landlock.READINGS, Writable, lambda op: (landlock.Claim(op.path, True),))
+    monkeypatch.setitem(landlock.READINGS, "ReadOnlyRoot",
+                        lambda op: (landlock.Claim("/", False),))
+    monkeypatch.setitem(landlock.READINGS, "Writable",
+                        lambda op: (landlock.Claim(op.path, True),))
 
 
 def test_every_operation_of_the_plan_has_a_reading() -> None:
     """A new kind of mount needs a line in landlock.READINGS (else --landlock steps aside)."""
     for op_type in typing.get_args(plan_mod.Op):
-        assert op_type in landlock.READINGS, op_type.__name__
+        assert op_type.__name__ in landlock.READINGS, op_type.__name__
 
 
 def test_the_host_view_has_nothing_landlock_can_add(tmp_path: Path) -> None:
@@ -76,6 +78,41 @@ def test_rules_from_a_read_only_root(test_ops: None) -> None:
     # no rule of its own; a read-only file below a writable directory is left to its mount.
     assert rules.writable == ("/dev", "/proc", "/work/project")
     assert rules.left_to_mounts == ("/work/project/run.jsonl",)
+
+
+def test_the_project_view_operations_read_as_a_read_only_root() -> None:
+    """The isolation work's operations, by name (its plan is not in this tree yet)."""
+    from typing import NamedTuple
+
+    class NewRoot(NamedTuple):
+        pass
+
+    class Bind(NamedTuple):
+        source: str
+        dest: str
+        writable: bool
+
+    class Tmpfs(NamedTuple):
+        path: str
+
+    class Hide(NamedTuple):
+        path: str
+
+    class ReadOnly(NamedTuple):
+        path: str
+
+    class Device(NamedTuple):
+        path: str
+
+    ops = (NewRoot(), Bind("/usr", "/usr", False), Device("/dev/null"), Tmpfs("/tmp"),
+           Tmpfs("/dev/shm"), Bind("/home/u/src", "/home/u/src", True),
+           Hide("/home/u/src/.secrets"), Bind("/home/u/out", "/home/u/out", True),
+           ReadOnly("/dev"), ReadOnly("/"))
+    rules = landlock.rules_for(plan_mod.Plan(ops))  # type: ignore[arg-type]
+    assert rules.unknown is None and rules.enforces_anything
+    assert rules.writable == ("/proc", "/tmp", "/dev/null", "/dev/shm", "/home/u/out",
+                              "/home/u/src")
+    assert rules.left_to_mounts == ("/home/u/src/.secrets",)
 
 
 def test_an_operation_without_a_reading_makes_landlock_step_aside() -> None:

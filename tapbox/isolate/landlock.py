@@ -5,9 +5,11 @@ How this works
 --------------
 The rules are derived from the plan's operations as data (tapbox.isolate.plan), never written
 by hand: `READINGS` says, for each kind of operation, which path it leaves writable or read-only
-(a `Claim`). An operation this module has no reading for makes the whole layer step aside (with
-a note): Landlock rules that do not match the view would break the command, and the mounts still
-enforce everything. A test checks that every operation of the plan has a reading.
+(a `Claim`): a writable or read-only bind its destination, a tmpfs, a device, an overlay
+writable, a hidden path or a tmpfs made read-only read-only, a new root read-only. An operation
+this module has no reading for makes the whole layer step aside (with a note): Landlock rules
+that do not match the view would break the command, and the mounts still enforce everything. A
+test checks that every operation of the plan has a reading.
 
 Landlock grants; it cannot take away. A ruleset "handles" the write rights (write a file,
 truncate, create, remove, rename across directories) and then allows them only beneath the
@@ -34,9 +36,10 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from tapbox.isolate import plan as plan_mod
+if TYPE_CHECKING:
+    from tapbox.isolate import plan as plan_mod
 
 SYS_CREATE_RULESET, SYS_ADD_RULE, SYS_RESTRICT_SELF = 444, 445, 446
 CREATE_RULESET_VERSION = 1
@@ -69,13 +72,33 @@ class Claim(NamedTuple):
     writable: bool
 
 
-# One reading per kind of operation (see the module doc): the claims it makes.
-READINGS: dict[type, Callable[[Any], tuple[Claim, ...]]] = {
-    plan_mod.FreshSysfs: lambda op: (),  # the kernel's own rules apply; inherits its parent
-    plan_mod.BindFile: lambda op: (Claim(op.dest, True),),
-    plan_mod.FreshProc: lambda op: (Claim(op.path, True),),
-    plan_mod.ReadOnlyFile: lambda op: (Claim(op.path, False),),
-    plan_mod.Pin: lambda op: (),  # the same files, only harder to move
+def _claim(attr: str, writable: bool) -> Callable[[Any], tuple[Claim, ...]]:
+    return lambda op: (Claim(getattr(op, attr), writable),)
+
+
+def _none(op: Any) -> tuple[Claim, ...]:
+    return ()
+
+
+# One reading per kind of operation (see the module doc), by the operation's class name: the
+# claims it makes. The names of the project view's operations (the isolation work's rootfs) are
+# here too, so that its plan is read as soon as it exists.
+READINGS: dict[str, Callable[[Any], tuple[Claim, ...]]] = {
+    "FreshSysfs": lambda op: (Claim(op.path, False),) if getattr(op, "read_only", False) else (),
+    "BindFile": _none,  # the private resolv.conf: inherits its directory
+    "FreshProc": _claim("path", True),
+    "ReadOnlyFile": _claim("path", False),
+    "Pin": _none,  # the same files, only harder to move
+    "NewRoot": lambda op: (Claim("/", False),),
+    "Bind": lambda op: (Claim(op.dest, bool(op.writable)),),
+    "Symlink": _none,
+    "Tmpfs": _claim("path", True),
+    "Device": _claim("path", True),
+    "Devpts": _claim("path", True),
+    "HomeOverlay": _claim("path", True),
+    "Hide": _claim("path", False),
+    "ReadOnly": _claim("path", False),
+    "PivotRoot": _none,
 }
 
 
@@ -96,7 +119,7 @@ def rules_for(plan: plan_mod.Plan) -> Rules:
     """The Landlock rules a plan's view calls for."""
     claims: list[Claim] = []
     for op in plan.ops:
-        reading = READINGS.get(type(op))
+        reading = READINGS.get(type(op).__name__)
         if reading is None:
             return Rules((), True, (), type(op).__name__)
         claims.extend(reading(op))
