@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -113,11 +113,16 @@ class ViolationSink:
 
         self._lock = threading.Lock()
         self._audit: Audit | None = None
+        self._make: Callable[[], Audit] | None = None  # makes the audit layer when first needed
         self._token: object | None = None  # trio's TrioToken while the loop runs
         self._pending: list[Violation] = []
+        self._queued = 0  # handed to the loop, not reported yet
+        self.unreported = 0  # refusals that came faster than the loop took them
 
     def __call__(self, violation: Violation) -> None:
         with self._lock:
+            if self._audit is None and self._make is not None:
+                self._audit = self._make()
             audit, token = self._audit, self._token
             if audit is None:
                 if len(self._pending) < self.MAX_PENDING:
@@ -126,12 +131,23 @@ class ViolationSink:
         if token is None:
             audit.syscall_refused(violation)
             return
+        with self._lock:  # bounded: a flood of refusals must not grow trio's queue
+            if self._queued >= self.MAX_PENDING:
+                self.unreported += 1
+                return
+            self._queued += 1
         try:
-            token.run_sync_soon(audit.syscall_refused, violation)  # type: ignore[attr-defined]
+            token.run_sync_soon(self._report, audit, violation)  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - trio.RunFinishedError: the loop is over
             with self._lock:
                 self._token = None
+                self._queued -= 1
             audit.syscall_refused(violation)
+
+    def _report(self, audit: Audit, violation: Violation) -> None:
+        with self._lock:
+            self._queued -= 1
+        audit.syscall_refused(violation)
 
     def attach(self, audit: Audit | None, token: object | None = None) -> None:
         """From now on report to `audit` (through `token` if given); None: hold them again."""
@@ -141,6 +157,18 @@ class ViolationSink:
         for violation in pending:
             if audit is not None:
                 audit.syscall_refused(violation)
+
+    def audit(self, make: Callable[[], Audit]) -> Audit:
+        """The audit layer, made by `make` now if no violation made it yet. Until then,
+        violations make it themselves (a run without network imports it only if needed)."""
+        with self._lock:
+            if self._audit is None:
+                self._audit = make()
+            return self._audit
+
+    def make_when_needed(self, make: Callable[[], Audit]) -> None:
+        with self._lock:
+            self._make = make
 
 
 def _rlimits(options: RunOptions) -> tuple[tuple[int, int], ...]:
@@ -314,18 +342,21 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
     _raise_fd_limit()  # after the fork: the command keeps the limits it was given
     try:
         if not network:
-            from tapbox.audit import Audit
+            def make_audit() -> Audit:
+                from tapbox.audit import Audit
 
-            audit = Audit(verbose=options.record.verbose,
-                          quiet=options.record.report == "quiet")
-            violations.attach(audit)
+                return Audit(verbose=options.record.verbose,
+                             quiet=options.record.report == "quiet")
+
+            violations.make_when_needed(make_audit)  # importing it costs ~60 ms
             sandbox.start()
             status = _wait(sandbox, options.limits.timeout)
             if status is None:
+                audit = violations.audit(make_audit)
                 audit.timeout(options.limits.timeout or 0)
                 status = EXIT_TIMEOUT
-            _explain_status(audit, sandbox, status, options)
-            audit.print_summary()
+                audit.print_summary()
+            _explain_status(lambda: violations.audit(make_audit), sandbox, status, options)
             return status
         import trio
 
@@ -368,13 +399,14 @@ def _describe_sandbox(sandbox: Sandbox, options: RunOptions) -> list[str]:
     return lines
 
 
-def _explain_status(audit: Audit, sandbox: Sandbox, status: int, options: RunOptions) -> None:
+def _explain_status(audit: Callable[[], Audit], sandbox: Sandbox, status: int,
+                    options: RunOptions) -> None:
     """A command killed by SIGSYS met a filter that could not name the call: say so."""
     import signal
 
     if status == 128 + signal.SIGSYS and not sandbox.violations:
         why = f" ({sandbox.unnamed_because})" if sandbox.unnamed_because else ""
-        audit.say(f"the command was killed by SIGSYS: it made a system call that --syscalls "
+        audit().say(f"the command was killed by SIGSYS: it made a system call that --syscalls "
                   f"{options.process.syscalls} forbids; the call could not be named{why}")
 
 
@@ -464,8 +496,12 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
         status = EXIT_TAPBOX_FAILED
     finally:
         violations.attach(audit)  # the loop ends: report from the supervisor's thread
+        if violations.unreported:
+            audit.syscalls_refused += violations.unreported
+            audit.say(f"{violations.unreported} refused system calls came too fast to be "
+                      "reported one by one (counted in the exit event)")
         os.close(sandbox.tap_fd)
-        _explain_status(audit, sandbox, status, options)
+        _explain_status(lambda: audit, sandbox, status, options)
         drops = engine.drop_counts()
         if record.verbose and drops:
             from tapbox.dropreasons import summarize

@@ -371,3 +371,55 @@ def test_probe_tool_is_what_the_tests_think(tmp_path: Path) -> None:
 
     proc = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=30)
     assert json.loads(proc.stdout) == {"getppid": "ok", "close": "EBADF"}
+
+
+def test_a_flood_of_refusals_is_counted_and_bounded(run_tapbox: RunTapbox, fakenet: object,
+                                                    tmp_path: Path) -> None:
+    """A hostile loop of refused calls: each is answered, stderr says it once, the count is
+    exact, the network still works, and nothing the loop makes tapbox hold grows unbounded."""
+    count = 20000
+    script = textwrap.dedent(f"""
+        import ctypes, subprocess, sys
+        libc = ctypes.CDLL(None, use_errno=True)
+        for _ in range({count}):
+            libc.syscall({nr('keyctl')}, 0, -3, 0)
+        print(ctypes.get_errno())
+        subprocess.run([sys.executable, {str(TESTS_DIR / 'client.py')!r}, "hello",
+                        "api.example.test", "80"], check=True)
+    """)
+    log = tmp_path / "run.jsonl"
+    proc = run_tapbox("--log", str(log), "--log-limit", "20M", cmd=[PY, "-c", script],
+                      allow=["api.example.test:80"], timeout=SHORT * 2)
+    assert proc.returncode == 0, proc.stderr
+    first, hello = proc.stdout.splitlines()
+    assert first == str(errno.EPERM) and "hello from 192.0.2.10:80" in hello
+    assert proc.stderr.count("system call keyctl by pid 2") == 1, proc.stderr
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert events[-1]["event"] == "exit" and events[-1]["syscalls_refused"] == count
+    logged = sum(1 for e in events if e["event"] == "syscall")
+    assert logged <= count
+    if logged < count:  # some came faster than the loop took them: said once
+        assert f"{count - logged} refused system calls came too fast" in proc.stderr
+
+
+def test_the_32_bit_abi_meets_the_same_policy(run_tapbox: RunTapbox, tmp_path: Path) -> None:
+    """`int 0x80` (the i386 ABI, open to a 64-bit process) is no way around the filter, and
+    the refusal is named with its ABI."""
+    import platform
+    import shutil
+    import subprocess
+
+    if platform.machine() != "x86_64" or shutil.which("cc") is None:
+        pytest.skip("needs x86_64 and a C compiler to make an int 0x80 system call")
+    src = tmp_path / "i386.c"
+    src.write_text('#include <stdio.h>\nint main(void) { long ret;\n'
+                   '  __asm__ volatile ("int $0x80" : "=a"(ret) : "a"(288L), "b"(0L), "c"(-3L),'
+                   ' "d"(0L) : "memory");  /* keyctl on i386 */\n'
+                   '  printf("%ld\\n", ret); return 0; }\n')
+    binary = tmp_path / "i386"
+    subprocess.run(["cc", "-o", str(binary), str(src)], check=True, timeout=60)
+    log = tmp_path / "run.jsonl"
+    proc = run_tapbox("--log", str(log), cmd=[str(binary)], timeout=SHORT)
+    assert proc.stdout == f"{-errno.EPERM}\n", proc.stderr
+    [event] = log_events(log, "syscall")
+    assert (event["syscall"], event["arch"], event["action"]) == ("keyctl", "x86", "EPERM")

@@ -144,7 +144,10 @@ class Supervisor:
                     with contextlib.suppress(OSError):
                         os.read(self._wake_r, 4096)
                 elif mask & select.POLLIN:
-                    self._serve(fd, listeners[fd])
+                    try:
+                        self._serve(fd, listeners[fd])
+                    except Exception:  # noqa: BLE001 - answered (refused) already; go on
+                        pass
                 elif mask & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
                     self._drop(fd)
 
@@ -161,28 +164,32 @@ class Supervisor:
         rc = lib.seccomp_notify_receive(fd, self._req)
         if rc < 0:  # ENOENT: the caller died (a fatal signal) before we read it
             return
-        data = req.data
-        name = self._syscall_name(data.arch, data.nr)
-        args = list(data.args)
-        action = policy.decide(name, args)
-        pid, comm, cmdline = _who(req.pid)
-        if lib.seccomp_notify_id_valid(fd, req.id) != 0:
-            return  # gone meanwhile: nobody to answer, and /proc may have been someone else's
-        if action.kind == "kill-process":
-            with contextlib.suppress(OSError):
-                os.kill(req.pid, signal.SIGKILL)  # the whole thread group, as seccomp's kill
-            outcome = "killed"
-            error = errno.EPERM
-        else:
-            # An errno; anything else cannot have been notified (the filter allows it itself):
-            # refuse all the same, never let a call through on a mismatch.
-            error = action.errno if action.kind == "errno" else errno.EPERM
-            outcome = errno.errorcode.get(error, str(error))
-        resp.id, resp.val, resp.error, resp.flags = req.id, 0, -error, 0
-        lib.seccomp_notify_respond(fd, self._resp)  # fails harmlessly if it was killed
-        self._record(Violation(time.time(), pid, req.pid, comm, cmdline, name,
-                               _ARCH_NAMES.get(data.arch, f"{data.arch:#x}"), outcome,
-                               policy.name))
+        error = errno.EPERM  # whatever goes wrong below, the call is refused, never let through
+        violation: Violation | None = None
+        try:
+            data = req.data
+            name = self._syscall_name(data.arch, data.nr)
+            action = policy.decide(name, list(data.args))
+            pid, comm, cmdline = _who(req.pid)
+            if lib.seccomp_notify_id_valid(fd, req.id) != 0:
+                return  # gone meanwhile: nobody to answer, and /proc may be someone else's
+            if action.kind == "kill-process":
+                with contextlib.suppress(OSError):
+                    os.kill(req.pid, signal.SIGKILL)  # the thread group, as seccomp's kill
+                outcome = "killed"
+            else:
+                # An errno; anything else cannot have been notified (the filter allows it
+                # itself): refuse all the same on a mismatch.
+                error = action.errno if action.kind == "errno" else errno.EPERM
+                outcome = errno.errorcode.get(error, str(error))
+            violation = Violation(time.time(), pid, req.pid, comm, cmdline, name,
+                                  _ARCH_NAMES.get(data.arch, f"{data.arch:#x}"), outcome,
+                                  policy.name)
+        finally:
+            resp.id, resp.val, resp.error, resp.flags = req.id, 0, -error, 0
+            lib.seccomp_notify_respond(fd, self._resp)  # fails harmlessly if it was killed
+        if violation is not None:
+            self._record(violation)
 
     def _syscall_name(self, arch: int, nr: int) -> str:
         token = arch
