@@ -423,3 +423,45 @@ def test_the_32_bit_abi_meets_the_same_policy(run_tapbox: RunTapbox, tmp_path: P
     assert proc.stdout == f"{-errno.EPERM}\n", proc.stderr
     [event] = log_events(log, "syscall")
     assert (event["syscall"], event["arch"], event["action"]) == ("keyctl", "x86", "EPERM")
+
+
+def test_strict_exec_rule_cannot_be_reused(run_tapbox: RunTapbox) -> None:
+    """The one exec strict allows goes through a descriptor number the program cannot put a
+    file at (just beyond its RLIMIT_NOFILE); any other exec kills."""
+    script = ("import os, resource\n"
+              "soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]\n"
+              "fd = os.open('/bin/true', os.O_RDONLY)\n"
+              "try:\n"
+              "    os.dup2(fd, soft)\n"
+              "    print('dup2 ok', flush=True)\n"
+              "except OSError as e:\n"
+              "    print('dup2', e.strerror, flush=True)\n"
+              "os.execve(fd, ['true'], {})\n")
+    proc = run_tapbox("-n", "--syscalls", "strict", "--syscall-allow", "@files_read",
+                      cmd=[PY, "-S", "-c", script], timeout=SHORT)
+    assert proc.stdout == "dup2 Bad file descriptor\n", proc.stderr
+    assert proc.returncode == 128 + signal.SIGKILL
+    assert "system call execveat by pid 2" in proc.stderr and "killed it" in proc.stderr
+
+
+def test_the_exec_descriptor_is_put_out_of_reach() -> None:
+    import resource
+
+    from tapbox.isolate.reaper import _out_of_reach
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fd = os.open("/bin/true", os.O_PATH | os.O_CLOEXEC)
+    moved = _out_of_reach(fd)
+    try:
+        # The first number nothing can be dup'ed to: the soft limit, lowered by one to make
+        # room where it was the hard limit.
+        expected = soft if soft < hard else hard - 1
+        assert moved == expected
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (expected, hard)
+        with pytest.raises(OSError) as info:
+            os.dup2(0, expected)
+        assert info.value.errno == errno.EBADF
+        assert os.readlink(f"/proc/self/fd/{moved}") == os.path.realpath("/bin/true")
+    finally:
+        os.close(moved)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

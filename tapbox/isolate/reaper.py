@@ -30,7 +30,8 @@ or 126 (anything else), as env(1). no_new_privs and pid 1's seccomp filter carry
 An allow-list policy (`--syscalls strict`) is loaded here, by the command's process, as the last
 thing before exec (pid 1 could not reap under it). It lets through exactly one exec: execveat on
 a descriptor of the command opened just before (O_PATH, close-on-exec, so the program it
-becomes no longer has it). Its listener - the fd that names violations - is handed to tapbox
+becomes no longer has it), numbered just beyond the command's RLIMIT_NOFILE, where the program
+cannot put another file. Its listener - the fd that names violations - is handed to tapbox
 by pid 1, which takes it from the command's process with pidfd_getfd (the command's process
 could not send it itself: sendmsg is not in the policy) while the command waits on a pipe; the
 command execs once pid 1 says the listener is in tapbox's hands. If it cannot be handed over,
@@ -178,7 +179,7 @@ def _exec_confined(argv: list[str], setup: CommandSetup, handoff: int, ack: int)
     env = {**os.environ, **SANDBOX_ENVIRONMENT}
     path = _which(argv[0], env.get("PATH"))
     try:
-        exe = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        exe = _out_of_reach(os.open(path, os.O_PATH | os.O_CLOEXEC))
     except OSError as e:
         _exec_failed(argv, e)
     exec_rule = Rule("execveat", Allow(), (ArgCmp.eq(0, exe),
@@ -202,6 +203,29 @@ def _exec_confined(argv: list[str], setup: CommandSetup, handoff: int, ack: int)
         os.execve(exe, argv, env)
     except OSError as e:
         _exec_failed(argv, e)
+
+
+def _out_of_reach(fd: int) -> int:
+    """Move `fd` to the first number the command cannot allocate: its RLIMIT_NOFILE soft
+    limit (lowered by one where it equals the hard limit, to make room). dup2 and F_DUPFD
+    refuse that number and the allow list cannot raise the limit, so after exec nothing can put
+    another file there for the exec rule to let through."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return fd
+    target = soft if hard == resource.RLIM_INFINITY or soft < hard else hard - 1
+    if target <= fd:
+        return fd
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target + 1, hard))
+        moved = os.dup2(fd, target, inheritable=False)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError):
+        return fd
+    os.close(fd)
+    return moved
 
 
 def _which(name: str, path: str | None) -> str:
