@@ -465,3 +465,11 @@ def test_the_exec_descriptor_is_put_out_of_reach() -> None:
     finally:
         os.close(moved)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_quiet_hides_refusals_but_not_kills(run_tapbox: RunTapbox) -> None:
+    quiet = run_tapbox("-n", "-q", cmd=[PY, str(PROBE), *probe_args(("keyctl", "0,-3,0"))],
+                       timeout=SHORT)
+    assert json.loads(quiet.stdout) == {"keyctl": "EPERM"} and quiet.stderr == ""
+    killed = run_tapbox("-n", "-q", "--syscalls", "strict", cmd=["true"], timeout=SHORT)
+    assert "by pid 2 (true): killed it (--syscalls strict)" in killed.stderr
