@@ -321,12 +321,16 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
         ipv6_enabled = network and (ipv6 == "on" or (ipv6 == "auto" and host_has_ipv6()))
         resolv = f"nameserver {DNS_ADDRESS}\n" + \
             (f"nameserver {DNS_ADDRESS6}\n" if ipv6_enabled else "")
+        env = options.environment
         sandbox = Sandbox.spawn(SandboxConfig(argv=list(command), network=network,
                                               mtu=options.network.mtu,
-                                              root=options.environment.root,
+                                              root=env.root,
                                               ipv6=ipv6_enabled, resolv_conf=resolv,
                                               read_only_files=recording.paths(options)
                                               if recording else (),
+                                              filesystem=options.filesystem,
+                                              setenv=env.setenv, unsetenv=env.unsetenv,
+                                              clearenv=env.clearenv,
                                               syscalls=policy, nest=options.process.nest,
                                               landlock=options.process.landlock,
                                               rlimits=rlimits),
@@ -336,9 +340,7 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
         forwarder.restore()
         raise
     forwarder.start(sandbox.pid)
-    if options.record.verbose:
-        for line in _describe_sandbox(sandbox, options):
-            print(f"tapbox: {line}", file=sys.stderr)
+    _say_plan(sandbox, options)
     _raise_fd_limit()  # after the fork: the command keeps the limits it was given
     try:
         if not network:
@@ -357,11 +359,13 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
                 status = EXIT_TIMEOUT
                 audit.print_summary()
             _explain_status(lambda: violations.audit(make_audit), sandbox, status, options)
-            return status
-        import trio
+        else:
+            import trio
 
-        return trio.run(_serve, sandbox, rules or [], upstreams, command, options,
-                        ipv6_enabled, recording or Recording(), host, violations)
+            status = trio.run(_serve, sandbox, rules or [], upstreams, command, options,
+                              ipv6_enabled, recording or Recording(), host, violations)
+        _say_discarded(sandbox)
+        return status
     finally:
         forwarder.stop()
         if sandbox.returncode is None:
@@ -381,21 +385,39 @@ def _wait(sandbox: Sandbox, timeout: float | None) -> int | None:
     return None
 
 
-def _describe_sandbox(sandbox: Sandbox, options: RunOptions) -> list[str]:
-    """-v: the plan, the system-call policy (and whether violations are named), the limits."""
-    lines = [f"sandbox: {line}" for line in (sandbox.plan.describe() if sandbox.plan else [])]
+def _say_plan(sandbox: Sandbox, options: RunOptions) -> None:
+    """The sandbox's mounts, system-call policy, Landlock and limits (-v), and what the user
+    should know before the command runs."""
+    from tapbox.textescape import escape
+
+    plan = sandbox.plan
+    if plan is None:
+        return
+    if options.record.verbose:
+        for line in plan.describe():
+            print(f"tapbox: sandbox: {escape(line)}", file=sys.stderr)
+        for line in _describe_confinement(sandbox, options):
+            print(f"tapbox: sandbox: {escape(line)}", file=sys.stderr)
+    if options.record.report != "quiet":
+        for line in plan.notices:
+            print(f"tapbox: {escape(line)}", file=sys.stderr)
+
+
+def _describe_confinement(sandbox: Sandbox, options: RunOptions) -> list[str]:
+    """-v: the system-call policy (and whether violations are named), nesting, Landlock, the
+    limits."""
     process = options.process
     allowed = f" + {' '.join(process.syscall_allow)}" if process.syscall_allow else ""
     named = "refused calls are named" if not sandbox.unnamed_because else \
         f"refused calls are not named ({sandbox.unnamed_because})"
-    lines.append(f"sandbox: system calls: {process.syscalls}{allowed}; {named}")
+    lines = [f"system calls: {process.syscalls}{allowed}; {named}"]
     if not process.nest:
-        lines.append("sandbox: no nesting: user.max_user_namespaces = 0 inside")
+        lines.append("no nesting: user.max_user_namespaces = 0 inside")
     if sandbox.landlock:
-        lines.append(f"sandbox: {sandbox.landlock}")
+        lines.append(sandbox.landlock)
     described = limits_description(options)
     if described:
-        lines.append(f"sandbox: limits: {described}")
+        lines.append(f"limits: {described}")
     return lines
 
 
@@ -407,7 +429,20 @@ def _explain_status(audit: Callable[[], Audit], sandbox: Sandbox, status: int,
     if status == 128 + signal.SIGSYS and not sandbox.violations:
         why = f" ({sandbox.unnamed_because})" if sandbox.unnamed_because else ""
         audit().say(f"the command was killed by SIGSYS: it made a system call that --syscalls "
-                  f"{options.process.syscalls} forbids; the call could not be named{why}")
+                    f"{options.process.syscalls} forbids; the call could not be named{why}")
+
+
+def _say_discarded(sandbox: Sandbox) -> None:
+    """Nothing is lost silently: what the command wrote to its copy-on-write home, once the
+    sandbox is gone (even with -q)."""
+    plan = sandbox.plan
+    if sandbox.layer_fd is None or plan is None or plan.home is None:
+        return
+    from tapbox.isolate import discarded
+
+    line = discarded.describe(discarded.count(sandbox.layer_fd, plan.layers, plan.home))
+    if line is not None:
+        print(f"tapbox: {line}", file=sys.stderr)
 
 
 async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str, int]],

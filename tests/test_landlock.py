@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import RunTapbox
+from conftest import REPO_ROOT, RunTapbox
 
 from tapbox.isolate import landlock
 from tapbox.isolate import plan as plan_mod
 from tapbox.isolate.config import SandboxConfig
+from tapbox.options import FilesystemOptions
 
 PY = sys.executable
 SHORT = 60.0
@@ -57,8 +58,9 @@ def test_every_operation_of_the_plan_has_a_reading() -> None:
 def test_the_host_view_has_nothing_landlock_can_add(tmp_path: Path) -> None:
     record = tmp_path / "run.jsonl"
     record.write_text("")
-    plan = plan_mod.build(SandboxConfig(["true"], read_only_files=(str(record),)),
-                          str(tmp_path / "resolv"), stat_path=os.stat)
+    plan = plan_mod.build(SandboxConfig(["true"], read_only_files=(str(record),),
+                                        filesystem=FilesystemOptions(view="host")),
+                          str(tmp_path / "resolv"))
     rules = landlock.rules_for(plan)
     assert rules.root_writable and not rules.enforces_anything
     assert rules.left_to_mounts == (str(record),)
@@ -195,9 +197,29 @@ def test_the_kernel_enforces_the_read_only_root(test_ops: None, tmp_path: Path) 
 def test_landlock_from_the_cli_with_the_host_view(run_tapbox: RunTapbox, tmp_path: Path) -> None:
     """Nothing to add in the host view: the command runs as without it, and so does a nested
     tapbox (a Landlock domain would forbid its mounts)."""
-    proc = run_tapbox("-n", "-v", "--landlock", cmd=[
-        PY, "-m", "tapbox", "-n", "--", "sh", "-c", f"touch {tmp_path}/made && echo ok"],
-        timeout=SHORT)
+    proc = run_tapbox("-n", "-v", "--fs", "host", "--landlock", cmd=[
+        PY, "-m", "tapbox", "-n", "--fs", "host", "--", "sh", "-c",
+        f"touch {tmp_path}/made && echo ok"], timeout=SHORT)
     assert (proc.returncode, proc.stdout) == (0, "ok\n"), proc.stderr
     assert "tapbox: sandbox: landlock: nothing to add: the view is writable" in proc.stderr
     assert (tmp_path / "made").exists()
+
+
+def test_landlock_in_the_project_view(run_tapbox: RunTapbox, tmp_path: Path) -> None:
+    """The default view is read-only but for its writable places: Landlock says so, the
+    command's usual writes still work, and the sandbox can no longer mount, even in a user
+    namespace of its own (Landlock forbids it; without --landlock it can)."""
+    written = REPO_ROOT / f".landlock-test-{os.getpid()}"
+    script = (f"set -e; echo x > {written.name}; echo y > /tmp/t; echo z > \"$HOME/h\"; "
+              f"echo w > /dev/null; cat {written.name} /tmp/t \"$HOME/h\"; rm {written.name}; "
+              "unshare -Urm sh -c 'mount -t tmpfs none /mnt' 2>/dev/null && echo mounted "
+              "|| echo no-mount")
+    landlocked = run_tapbox("-n", "-v", "--landlock", cmd=["sh", "-c", script], timeout=SHORT)
+    assert landlocked.stdout.split() == ["x", "y", "z", "no-mount"], landlocked.stderr
+    line = next(x for x in landlocked.stderr.splitlines() if "sandbox: landlock" in x)
+    assert line.startswith(f"tapbox: sandbox: landlock (ABI {landlock.abi_version()}): "
+                           "read-only everywhere but ")
+    for writable in ("/proc", "/tmp", "/dev/null", str(REPO_ROOT)):
+        assert writable in line, line
+    plain = run_tapbox("-n", cmd=["sh", "-c", script], timeout=SHORT)
+    assert plain.stdout.split() == ["x", "y", "z", "mounted"], plain.stderr

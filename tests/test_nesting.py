@@ -20,6 +20,9 @@ NOBODY = 65534
 SHORT = 90.0
 
 
+TUN = ("--write", "/dev/net/tun")  # a level with a tapbox inside shows it the TUN device
+
+
 def tapbox(*args: str) -> list[str]:
     """An inner tapbox's argv (its upstream is the outer's DNS, from its resolv.conf)."""
     return [PY, "-m", "tapbox", *args, "--"]
@@ -33,8 +36,8 @@ def test_tapbox_inside_tapbox_mounts_its_own_resolv_conf(run_tapbox: RunTapbox,
                                                          fakenet: FakeNet) -> None:
     """Was: "bind-mounting a private resolv.conf over /etc/resolv.conf: No such file or
     directory" (the outer's resolv.conf was a bind of a file already deleted)."""
-    proc = run_tapbox(cmd=[*tapbox("--allow", "api.example.test:80"), "sh", "-c",
-                           "cat /etc/resolv.conf"], allow=["api.example.test:80"],
+    proc = run_tapbox(*TUN, cmd=[*tapbox("--allow", "api.example.test:80"), "sh", "-c",
+                                 "cat /etc/resolv.conf"], allow=["api.example.test:80"],
                       timeout=SHORT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == "nameserver 10.0.2.3"
@@ -49,9 +52,9 @@ def test_three_levels_each_only_narrows(run_tapbox: RunTapbox, fakenet: FakeNet,
     script = "; ".join(f"{PY} {CLIENT} connect {h} {p}" for h, p in (
         ("api.example.test", 80), ("203.0.113.10", 80), ("198.51.100.20", 80),
         ("203.0.113.7", 80)))
-    cmd = [*tapbox("--allow", a, "--allow", y),
+    cmd = [*tapbox(*TUN, "--allow", a, "--allow", y),
            *tapbox("--allow", a, "--allow", z), "sh", "-c", script]
-    proc = run_tapbox(cmd=cmd, allow=[a, x], user=user, timeout=SHORT)
+    proc = run_tapbox(*TUN, cmd=cmd, allow=[a, x], user=user, timeout=SHORT)
     results = [json.loads(line)["result"] for line in proc.stdout.splitlines()]
     assert results == ["ok", "refused", "refused", "refused"], proc.stdout + proc.stderr
     reached = {(c.local_addr, c.local_port) for c in fakenet.connections() if c.kind == "blob"}
@@ -65,12 +68,20 @@ def test_three_levels_each_only_narrows(run_tapbox: RunTapbox, fakenet: FakeNet,
 
 def test_an_inner_dns_name_must_pass_the_outer_too(run_tapbox: RunTapbox,
                                                    fakenet: FakeNet) -> None:
-    proc = run_tapbox(cmd=[*tapbox("--allow", "api.example.test", "--allow",
-                                   "twin.example.test"),
-                           *client("resolve", "twin.example.test")],
+    proc = run_tapbox(*TUN, cmd=[*tapbox("--allow", "api.example.test", "--allow",
+                                         "twin.example.test"),
+                                 *client("resolve", "twin.example.test")],
                       allow=["api.example.test"], timeout=SHORT)
     assert json.loads(proc.stdout)["error"] == "NXDOMAIN", proc.stdout + proc.stderr
     assert "twin.example.test  (no rule)" in proc.stderr  # the outer denied it
+
+
+def test_an_inner_tapbox_without_the_tun_device_says_what_to_do(run_tapbox: RunTapbox,
+                                                                fakenet: FakeNet) -> None:
+    proc = run_tapbox(cmd=[*tapbox("--allow", "api.example.test"), "true"], timeout=SHORT)
+    assert proc.returncode == 125
+    assert "tapbox: /dev/net/tun is missing here: inside another sandbox, give that one the " \
+        "device (tapbox --write /dev/net/tun;" in proc.stderr, proc.stderr
 
 
 def test_no_nest_forbids_user_namespaces_inside(run_tapbox: RunTapbox) -> None:

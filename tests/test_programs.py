@@ -48,7 +48,7 @@ def test_git(run_tapbox: RunTapbox, tmp_path: Path) -> None:
     script = (f"set -e; git init -q {repo}; cd {repo}; git config user.email t@example.com; "
               "git config user.name t; echo hi > f; git add f; git commit -qm first; "
               "git log --format=%s; git gc -q; git status --short | wc -l")
-    proc = run_tapbox("-n", cmd=["sh", "-c", script], timeout=SHORT)
+    proc = run_tapbox("-n", "--write", str(tmp_path), cmd=["sh", "-c", script], timeout=SHORT)
     assert (proc.returncode, proc.stdout) == (0, "first\n0\n"), proc.stderr
     assert refused(proc.stderr) == []
 
@@ -58,7 +58,7 @@ def test_tar(run_tapbox: RunTapbox, tmp_path: Path) -> None:
     (tmp_path / "in" / "a.txt").write_text("a" * 10000)
     script = (f"set -e; cd {tmp_path}; tar czf t.tgz in; mkdir out; tar xzf t.tgz -C out; "
               "cmp in/a.txt out/in/a.txt && echo same")
-    proc = run_tapbox("-n", cmd=["sh", "-c", script], timeout=SHORT)
+    proc = run_tapbox("-n", "--write", str(tmp_path), cmd=["sh", "-c", script], timeout=SHORT)
     assert (proc.returncode, proc.stdout) == (0, "same\n"), proc.stderr
     assert refused(proc.stderr) == []
 
@@ -72,7 +72,7 @@ def test_cc(run_tapbox: RunTapbox, tmp_path: Path) -> None:
                    'int main(void) { pthread_t t; pthread_create(&t, 0, f, 0); '
                    'pthread_join(t, 0); puts("built"); return 0; }\n')
     script = f"set -e; cc -O2 -pthread -o {tmp_path}/t {src}; {tmp_path}/t"
-    proc = run_tapbox("-n", cmd=["sh", "-c", script], timeout=SHORT)
+    proc = run_tapbox("-n", "--write", str(tmp_path), cmd=["sh", "-c", script], timeout=SHORT)
     assert (proc.returncode, proc.stdout) == (0, "built\n"), proc.stderr
     assert refused(proc.stderr) == []
 
@@ -85,7 +85,8 @@ def test_curl(run_tapbox: RunTapbox, fakenet: FakeNet, tmp_path: Path) -> None:
               f"cd {tmp_path}; {PY} -m http.server -b 127.0.0.1 8765 >/dev/null 2>&1 & "
               "for i in 1 2 3 4 5 6 7 8 9 10; do curl -sf http://127.0.0.1:8765/page.txt "
               "&& break; sleep 0.3; done; kill $!")
-    proc = run_tapbox(cmd=["sh", "-c", script], allow=["api.example.test:80"], timeout=SHORT)
+    proc = run_tapbox("--read", str(tmp_path), cmd=["sh", "-c", script],
+                      allow=["api.example.test:80"], timeout=SHORT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "error unknown command\nlocal page\n", proc.stdout
     assert refused(proc.stderr) == []
@@ -138,6 +139,6 @@ def test_pip_installs_a_package(run_tapbox: RunTapbox, tmp_path: Path) -> None:
     script = (f"set -e; {PY} -m pip install -q --no-index --no-deps --disable-pip-version-check "
               f"--target {target} {wheel}; PYTHONPATH={target} {PY} -c "
               "'import tapbox_probe_pkg as p; print(p.VALUE)'")
-    proc = run_tapbox("-n", cmd=["sh", "-c", script], timeout=SHORT)
+    proc = run_tapbox("-n", "--write", str(tmp_path), cmd=["sh", "-c", script], timeout=SHORT)
     assert (proc.returncode, proc.stdout) == (0, "42\n"), proc.stderr
     assert refused(proc.stderr) == []

@@ -242,8 +242,8 @@ def test_violation_names_are_escaped(run_tapbox: RunTapbox, tmp_path: Path) -> N
     evil = tmp_path / "ev\x1b[2Jil"
     evil.symlink_to(PY)
     os.chmod(tmp_path, 0o755)
-    proc = run_tapbox("-n", cmd=[str(evil), str(PROBE), *probe_args(("keyctl", "0,-3,0"))],
-                      timeout=SHORT)
+    proc = run_tapbox("-n", "--read", str(tmp_path), cmd=[str(evil), str(PROBE),
+                      *probe_args(("keyctl", "0,-3,0"))], timeout=SHORT)
     assert proc.returncode == 0, proc.stderr
     assert "\x1b" not in proc.stderr
     assert "system call keyctl by pid 2 (ev\\x1b[2Jil): refused with EPERM" in proc.stderr
@@ -280,7 +280,8 @@ def test_strict_refuses_exec_writing_and_forking(run_tapbox: RunTapbox, what: st
     action = {"exec": "os.execv('/bin/true', ['true'])",
               "write-open": f"open({str(tmp_path / 'x')!r}, 'w')",
               "fork": "os.fork()"}[what]
-    proc = run_tapbox("-n", "--syscalls", "strict", "--syscall-allow", "@files_read",
+    proc = run_tapbox("-n", "--write", str(tmp_path), "--syscalls", "strict",
+                      "--syscall-allow", "@files_read",
                       cmd=[PY, "-S", "-c", f"import os; {action}; print('not reached')"],
                       timeout=SHORT)
     assert proc.returncode == 128 + signal.SIGKILL, proc.stderr
@@ -419,7 +420,8 @@ def test_the_32_bit_abi_meets_the_same_policy(run_tapbox: RunTapbox, tmp_path: P
     binary = tmp_path / "i386"
     subprocess.run(["cc", "-o", str(binary), str(src)], check=True, timeout=60)
     log = tmp_path / "run.jsonl"
-    proc = run_tapbox("--log", str(log), cmd=[str(binary)], timeout=SHORT)
+    proc = run_tapbox("--log", str(log), "--read", str(tmp_path), cmd=[str(binary)],
+                      timeout=SHORT)
     assert proc.stdout == f"{-errno.EPERM}\n", proc.stderr
     [event] = log_events(log, "syscall")
     assert (event["syscall"], event["arch"], event["action"]) == ("keyctl", "x86", "EPERM")

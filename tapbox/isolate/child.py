@@ -18,17 +18,23 @@ How this works
 it the kernel kills every process of the namespace), names itself `tapbox-init`, then:
 
 4. opens tap0 and configures the links (tapbox.isolate.tap), executes the filesystem plan
-   (tapbox.isolate.plan / mounts: fresh sysfs, private resolv.conf, fresh /proc, read-only
-   record files) and re-enters its working directory through the new mounts;
+   (tapbox.isolate.plan / mounts: the view -- in the project view a new root and pivot_root
+   --, private resolv.conf, fresh /proc, read-only record files) and re-enters its working
+   directory through the new mounts;
 5. locks itself down, the last step of set-up: CAP_SYS_ADMIN leaves the bounding set and pid 1's
    own sets (the command, even as uid 0 with --root, can never again mount or unmount in the
    sandbox, so the read-only mounts stay; and pid 1 holds nothing the command could take from
-   it by ptrace), pid 1 sets no_new_privs and loads the seccomp filter
-   (tapbox.isolate.seccomp), both inherited by the command. With no_new_privs, a uid-0 command
-   keeps at exec exactly the capabilities pid 1 has: all but CAP_SYS_ADMIN;
-6. sends b"R" and the TAP fd (SCM_RIGHTS) over a SOCK_SEQPACKET socketpair, closes its copy, and
-   blocks until tapbox sends b"G" (`Sandbox.start()`). EOF instead (tapbox died or gave up)
-   means _exit(125): fail closed, the command never runs without the firewall;
+   it by ptrace), with --no-nest no user namespace can be created inside any more
+   (tapbox.isolate.namespaces), pid 1 sets no_new_privs, applies Landlock (--landlock,
+   tapbox.isolate.landlock) and loads the seccomp filter (tapbox.isolate.seccomp), all
+   inherited by the command. With no_new_privs, a uid-0 command keeps at exec exactly the
+   capabilities pid 1 has: all but CAP_SYS_ADMIN;
+6. sends b"R", a byte saying which descriptors follow, and those descriptors (SCM_RIGHTS): the
+   TAP fd, the home directory's throwaway layer (which tapbox counts at exit) and the seccomp
+   listener (tapbox's supervisor names what the filter refuses), then notes as JSON (why
+   violations are not named, what Landlock enforces), over a SOCK_SEQPACKET socketpair; closes
+   its copies, and blocks until tapbox sends b"G" (`Sandbox.start()`). EOF instead (tapbox died
+   or gave up) means _exit(125): fail closed, the command never runs without the firewall;
 7. becomes the reaper (tapbox.isolate.reaper): forks the command (pid 2), which execs; reaps
    every orphan; forwards signals; exits with the command's status.
 
@@ -65,7 +71,10 @@ from tapbox.isolate.tap import configure_links, open_tap
 
 # Control messages on the socketpair.
 MSG_PID = b"P"  # first child -> tapbox: pid 1's pid (struct "i"), as tapbox sees it
-MSG_READY = b"R"  # pid 1 -> tapbox, with the TAP fd as SCM_RIGHTS when network=True
+MSG_READY = b"R"  # pid 1 -> tapbox, + a byte of READY_* flags (those fds as SCM_RIGHTS) + notes
+READY_TAP = 1  # the TAP fd (network=True)
+READY_LAYER = 2  # a descriptor of the home directory's throwaway layer (after the TAP fd)
+READY_LISTENER = 4  # the seccomp filter's listener, which names violations (last)
 MSG_ERROR = b"E"  # either -> tapbox, followed by one utf-8 line
 MSG_GO = b"G"  # tapbox -> pid 1: start the command now
 PID_FORMAT = struct.Struct("i")
@@ -76,6 +85,7 @@ INIT_NAME = "tapbox-init"  # pid 1's name, as `ps` shows it
 def child_main(
     config: SandboxConfig,
     plan: Plan,
+    env: dict[str, str],
     sock: socket.socket,
     parent_pid: int,
     uid: int,
@@ -93,7 +103,7 @@ def child_main(
         enter_namespaces(libc, host, uid, gid, config.root)
         pid = libc.clone_parent(_legacy_clone_nr)
         if pid == 0:
-            init_main(config, plan, sock, libc, host)
+            init_main(config, plan, env, sock, libc, host)
         if pid < 0:
             raise SetupError(eperm_failure(
                 f"creating pid 1 of the sandbox's PID namespace: {os.strerror(-pid)}", host))
@@ -107,34 +117,43 @@ def child_main(
 
 
 def init_main(
-    config: SandboxConfig, plan: Plan, sock: socket.socket, libc: Libc, host: Host
+    config: SandboxConfig, plan: Plan, env: dict[str, str], sock: socket.socket, libc: Libc,
+    host: Host
 ) -> NoReturn:
     """Pid 1 of the sandbox: set up, wait for the word, then reap (never returns)."""
     try:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # tapbox is our parent (CLONE_PARENT)
         libc.set_name(INIT_NAME)
-        tap_fd = _set_up(libc, config, plan, host)
+        # Imported while the host's tree is still the root: the view may not show tapbox.
+        import resource  # noqa: F401 - the command's limits (reaper)
+
+        from tapbox.isolate import landlock, reaper, seccomp  # noqa: F401
+
+        fds = _set_up(libc, config, plan, host)
         listener: int | None = None
         try:
             listener, notes = _lock_down(libc, config, plan)
-            fds = [fd for fd in (tap_fd, listener) if fd is not None]
-            ready = MSG_READY + (b"T" if tap_fd is not None else b"") + \
-                (b"L" if listener is not None else b"") + b"|" + json.dumps(notes).encode()
-            socket.send_fds(sock, [ready], fds) if fds else sock.send(ready)
+            flags = (READY_TAP if fds[0] is not None else 0) | \
+                (READY_LAYER if fds[1] is not None else 0) | \
+                (READY_LISTENER if listener is not None else 0)
+            ready = MSG_READY + bytes([flags]) + json.dumps(notes).encode()
+            passed = [fd for fd in (*fds, listener) if fd is not None]
+            if passed:
+                socket.send_fds(sock, [ready], passed)
+            else:
+                sock.send(ready)
         finally:
-            for fd in (tap_fd, listener):  # tapbox owns them now; nothing in the sandbox may
-                if fd is not None:         # hold the TAP fd, nor its own filter's listener
+            for fd in (*fds, listener):  # tapbox owns them now; nothing in the sandbox may
+                if fd is not None:       # hold them (nor its own filter's listener)
                     os.close(fd)
         if sock.recv(16) != MSG_GO:  # EOF: tapbox died or gave up -> never run the command
             os._exit(EXIT_TAPBOX_FAILED)
-        from tapbox.isolate import reaper
-
         own = config.syscalls if config.syscalls is not None and \
             config.syscalls.is_allow_list else None  # an allow list: the command loads it
         handover = own is not None and config.notify
         if not handover:
             sock.close()
-        reaper.run(config.argv, libc, reaper.CommandSetup(
+        reaper.run(config.argv, env, libc, reaper.CommandSetup(
             own, config.notify, sock if handover else None, config.rlimits))
     except SetupError as e:
         _report(sock, str(e))
@@ -143,19 +162,21 @@ def init_main(
     os._exit(EXIT_TAPBOX_FAILED)
 
 
-def _set_up(libc: Libc, config: SandboxConfig, plan: Plan, host: Host) -> int | None:
-    """Links and mounts, inside the namespaces. Returns the TAP fd (None with network=False)."""
+def _set_up(libc: Libc, config: SandboxConfig, plan: Plan,
+            host: Host) -> tuple[int | None, int | None]:
+    """Links and mounts, inside the namespaces. Returns the TAP fd (None with network=False)
+    and the home layer's (None without one)."""
     tap_fd = open_tap(host, config.vnet_hdr) if config.network else None
     try:
         configure_links(host, config.network, config.mtu, config.ipv6)
-        mounts.apply(plan, libc, host)
+        applied = mounts.apply(plan, libc, host)
         with contextlib.suppress(OSError):  # the same directory, reached through the new mounts
             os.chdir(os.getcwd())
     except BaseException:
         if tap_fd is not None:
             os.close(tap_fd)
         raise
-    return tap_fd
+    return tap_fd, applied.layer_fd
 
 
 def _lock_down(libc: Libc, config: SandboxConfig, plan: Plan) -> tuple[int | None,

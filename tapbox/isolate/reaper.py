@@ -23,9 +23,10 @@ the command before it runs, as it would have stopped it a moment later.
 
 The command's side of the fork: default dispositions for every caught signal and for SIGPIPE and
 SIGXFSZ (which Python ignores), an inherited ignore kept (as subprocess does), an empty mask, the
-resource limits (`CommandSetup.rlimits`: the command's, not pid 1's), then execvp(argv) with
-TAPBOX=1 added to the environment. On failure: "tapbox: CMD: strerror" and exit 127 (not found)
-or 126 (anything else), as env(1). no_new_privs and pid 1's seccomp filter carry over.
+resource limits (`CommandSetup.rlimits`: the command's, not pid 1's), then execvp(argv) with the
+environment tapbox made for it (tapbox.isolate.environment: TAPBOX=1 among others). On failure:
+"tapbox: CMD: strerror" and exit 127 (not found) or 126 (anything else), as env(1).
+no_new_privs and pid 1's seccomp filter carry over.
 
 An allow-list policy (`--syscalls strict`) is loaded here, by the command's process, as the last
 thing before exec (pid 1 could not reap under it). It lets through exactly one exec: execveat on
@@ -56,8 +57,6 @@ if TYPE_CHECKING:
     from tapbox.isolate.syscalls import Policy
 
 WAITED = FORWARDED_SIGNALS | {signal.SIGCHLD}
-# Set in the command's environment, so that a shell prompt or a script can tell it is sandboxed.
-SANDBOX_ENVIRONMENT = {"TAPBOX": "1"}
 MSG_LISTENER = b"N"  # pid 1 -> tapbox after the start: the command's filter listener (SCM_RIGHTS)
 MSG_NO_LISTENER = b"n"  # ... or why there is none (the command's violations are not named)
 SYS_PIDFD_GETFD = 438  # the same number on every architecture
@@ -72,7 +71,8 @@ class CommandSetup(NamedTuple):
     rlimits: tuple[tuple[int, int], ...] = ()  # (RLIMIT_*, value), soft and hard
 
 
-def run(argv: list[str], libc: Libc, setup: CommandSetup | None = None) -> NoReturn:
+def run(argv: list[str], env: dict[str, str], libc: Libc,
+        setup: CommandSetup | None = None) -> NoReturn:
     """Fork and exec the command, then serve as pid 1 until it exits (every signal blocked)."""
     setup = setup or CommandSetup()
     early = _take_pending()
@@ -89,9 +89,9 @@ def run(argv: list[str], libc: Libc, setup: CommandSetup | None = None) -> NoRet
         _restore_signals(libc)
         _set_rlimits(setup.rlimits)
         if setup.policy is None:
-            _exec(argv)
+            _exec(argv, env)
         assert handoff is not None and ack is not None
-        _exec_confined(argv, setup, handoff[1], ack[0])
+        _exec_confined(argv, env, setup, handoff[1], ack[0])
     if handoff is not None and ack is not None:
         os.close(handoff[1])
         os.close(ack[0])
@@ -144,9 +144,9 @@ def _send(command: int, signo: int) -> None:
         os.kill(command, signo)
 
 
-def _exec(argv: list[str]) -> NoReturn:
+def _exec(argv: list[str], env: dict[str, str]) -> NoReturn:
     try:
-        os.execvpe(argv[0], argv, {**os.environ, **SANDBOX_ENVIRONMENT})
+        os.execvpe(argv[0], argv, env)
     except OSError as e:
         _exec_failed(argv, e)
 
@@ -171,12 +171,12 @@ def _set_rlimits(rlimits: tuple[tuple[int, int], ...]) -> None:
             os._exit(EXIT_TAPBOX_FAILED)
 
 
-def _exec_confined(argv: list[str], setup: CommandSetup, handoff: int, ack: int) -> NoReturn:
+def _exec_confined(argv: list[str], env: dict[str, str], setup: CommandSetup, handoff: int,
+                   ack: int) -> NoReturn:
     """Load the allow list, hand its listener over, exec the command through an fd."""
     from tapbox.isolate import seccomp
     from tapbox.isolate.syscalls import AT_EMPTY_PATH, Allow, ArgCmp, Rule
 
-    env = {**os.environ, **SANDBOX_ENVIRONMENT}
     path = _which(argv[0], env.get("PATH"))
     try:
         exe = _out_of_reach(os.open(path, os.O_PATH | os.O_CLOEXEC))

@@ -1,11 +1,14 @@
 """The parent's side of a sandbox: fork, get pid 1 and the TAP fd, let it start, wait for it.
 
-How this works: `Sandbox.spawn()` writes the private resolv.conf, builds the filesystem plan
-(tapbox.isolate.plan) and forks once, before trio or any thread starts. The child
+How this works: `Sandbox.spawn()` writes the private files the sandbox binds in (its resolv.conf,
+an empty file to hide files with), builds the filesystem plan (tapbox.isolate.plan) and the
+command's environment (tapbox.isolate.environment), and forks once, before trio or any thread
+starts. The child
 (tapbox.isolate.child) enters the namespaces and creates pid 1 of the sandbox as tapbox's own
 child (clone with CLONE_PARENT); it sends pid 1's pid (b"P") and exits, and spawn() reaps it and
 from then on the sandbox *is* pid 1. Pid 1 sets itself up and answers on the SOCK_SEQPACKET
-socketpair: b"R" with the TAP fd (SCM_RIGHTS), or b"E" and one line, raised here as SetupError.
+socketpair: b"R" with the TAP fd and the home layer's (SCM_RIGHTS), or b"E" and one line, raised
+here as SetupError.
 It then waits for `start()` (b"G") to start the command; closing the socket instead makes it exit
 125 without running anything. Pid 1 is tracked through a pidfd (no pid reuse) and waited for
 either blocking (`wait_status()`) or from trio (`await wait()`, the pidfd becomes readable at
@@ -37,8 +40,19 @@ from typing import TYPE_CHECKING, NoReturn
 
 from tapbox.errors import SetupError
 from tapbox.isolate import plan as plan_mod
-from tapbox.isolate.child import MSG_ERROR, MSG_GO, MSG_PID, MSG_READY, PID_FORMAT, child_main
+from tapbox.isolate.child import (
+    MSG_ERROR,
+    MSG_GO,
+    MSG_PID,
+    MSG_READY,
+    PID_FORMAT,
+    READY_LAYER,
+    READY_LISTENER,
+    READY_TAP,
+    child_main,
+)
 from tapbox.isolate.config import SandboxConfig
+from tapbox.isolate.environment import command_environment
 from tapbox.isolate.syscalls import DEFAULT_POLICY, GUARD_POLICY, Policy
 
 if TYPE_CHECKING:
@@ -57,6 +71,9 @@ class Sandbox:
     pid: int
     tap_fd: int | None
     plan: plan_mod.Plan | None = None  # the filesystem set-up pid 1 executed
+    # A descriptor of the home directory's throwaway layer (the project view), for counting
+    # what the sandbox wrote there (tapbox.isolate.discarded); closed by close().
+    layer_fd: int | None = None
     # The seccomp listener of the filter pid 1 loaded (tapbox.isolate.supervisor names what it
     # refuses), or None, and then `unnamed_because` may say why.
     listener: int | None = None
@@ -74,7 +91,7 @@ class Sandbox:
         self._trio_waiting = False
         self._command_policy: Policy | None = None  # an allow list whose violations are named
         self._late: socket.socket | None = None  # the socket, kept for its listener
-        self._resolv_path: str | None = None  # the private resolv.conf, removed by close()
+        self._private: list[str] = []  # files bound in (resolv.conf...), removed by close()
         self.supervisor: Supervisor | None = None
 
     def _supervise(self, policy: Policy,
@@ -110,9 +127,20 @@ class Sandbox:
         if not config.argv:
             raise SetupError("tapbox: no command given: usage: tapbox [OPTIONS] -- CMD [ARGS...]")
         uid, gid = os.getuid(), os.getgid()
-        resolv_path = _write_resolv_conf(config.resolv_conf) if config.network else None
+        private: list[str] = []  # the files the child binds in: removed once it has
         try:
-            plan = plan_mod.build(config, resolv_path)
+            resolv_path = None
+            if config.network:
+                resolv_path = _private_file(config.resolv_conf, 0o644, "resolv", private)
+            empty_file = ""  # for --hide FILE in the host view
+            fs = config.filesystem
+            if fs.view == "host" and any(rule.action == "hide" for rule in fs.paths):
+                empty_file = _private_file("", 0, "hidden", private)
+            plan = plan_mod.build(config, resolv_path, empty_file)
+            env = command_environment(
+                os.environ, project=config.filesystem.view == "project",
+                runtime_dir=plan.runtime_dir, clearenv=config.clearenv,
+                unsetenv=config.unsetenv, setenv=config.setenv)
             parent_sock, child_sock = socket.socketpair(
                 socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
             )
@@ -125,7 +153,7 @@ class Sandbox:
                 raise SetupError(f"tapbox: cannot fork the sandbox process: {e.strerror}") from e
             if pid == 0:  # pragma: no cover - the child leaves through os._exit or exec
                 parent_sock.close()
-                child_main(config, plan, child_sock, parent_pid, uid, gid)
+                child_main(config, plan, env, child_sock, parent_pid, uid, gid)
             child_sock.close()
             # Our unreaped child: its pid cannot be reused before we wait for it.
             try:
@@ -139,7 +167,7 @@ class Sandbox:
             try:
                 if meanwhile is not None:
                     meanwhile()
-                sandbox.tap_fd = sandbox._receive_ready(config.network)
+                sandbox._receive_ready(config.network)
                 sandbox._supervise(policy, on_violation)
             except BaseException:
                 sandbox.kill()
@@ -149,52 +177,56 @@ class Sandbox:
             # Kept until close(): a file bind-mounted inside must stay linked, or a sandbox in
             # this one cannot mount its own resolv.conf over it (the kernel refuses to mount on
             # a deleted file: ENOENT).
-            sandbox._resolv_path, resolv_path = resolv_path, None
+            sandbox._private, private = private, []
             return sandbox
         finally:
-            if resolv_path is not None:  # the child failed: the name is no longer needed
+            # The child failed: the names are no longer needed.
+            for path in private:
                 with contextlib.suppress(OSError):
-                    os.unlink(resolv_path)
+                    os.unlink(path)
 
-    def _receive_ready(self, network: bool) -> int | None:
-        """Wait for pid 1's pid (b"P") and its readiness: b"R", flags (T: the TAP fd follows,
-        L: the seccomp listener follows, in that order), "|" and notes (JSON: "unnamed", why
-        violations are not named; "landlock", what Landlock enforces).
-        Returns the TAP fd; the listener goes to `self.listener`."""
+    def _receive_ready(self, network: bool) -> None:
+        """Wait for pid 1's pid (b"P") and its readiness: b"R", a byte of flags (the TAP fd,
+        the home layer's, the seccomp listener follow, in that order, as SCM_RIGHTS) and notes
+        (JSON: "unnamed", why violations are not named; "landlock", what Landlock enforces).
+        Keep the descriptors in tap_fd, layer_fd and listener."""
         assert self._sock is not None
-        fds: list[int] | None = None
-        msg = b""
-        while fds is None or self._setup_pid is not None:
-            got, got_fds = self._receive()
-            if got.startswith(MSG_PID) and len(got) == 1 + PID_FORMAT.size and not got_fds:
-                self._adopt(PID_FORMAT.unpack_from(got, 1)[0])
-            elif got.startswith(MSG_READY) and fds is None:
-                msg, fds = got, got_fds
+        ready: tuple[bytes, list[int]] | None = None
+        while ready is None or self._setup_pid is not None:
+            msg, fds = self._receive()
+            if msg.startswith(MSG_PID) and len(msg) == 1 + PID_FORMAT.size and not fds:
+                self._adopt(PID_FORMAT.unpack_from(msg, 1)[0])
+            elif msg.startswith(MSG_READY) and len(msg) >= 2 and ready is None:
+                ready = msg[1:], fds
             else:
-                for fd in got_fds:
+                for fd in fds:
                     os.close(fd)
-                self._fail(got)
+                self._fail(msg)
         self._sock.settimeout(None)
-        flags, _, note = msg[1:].partition(b"|")
-        want = [(b"T" in flags), (b"L" in flags)]
-        if len(fds) != sum(want) or (network and not want[0]):
+        assert ready is not None
+        body, fds = ready
+        flags = body[0]
+        expected = [flag for flag in (READY_TAP, READY_LAYER, READY_LISTENER) if flags & flag]
+        if len(fds) != len(expected) or (network and READY_TAP not in expected):
             for fd in fds:
                 os.close(fd)
             raise SetupError("tapbox: internal error: the TAP fd did not arrive from the sandbox")
-        tap_fd = fds.pop(0) if want[0] else None
-        self.listener = fds.pop(0) if want[1] else None
+        for flag, fd in zip(expected, fds, strict=True):
+            if flag == READY_TAP and network:
+                os.set_blocking(fd, False)
+                self.tap_fd = fd
+            elif flag == READY_LAYER:
+                self.layer_fd = fd
+            elif flag == READY_LISTENER:
+                self.listener = fd
+            else:
+                os.close(fd)
         try:
-            notes = json.loads(note.decode("utf-8", "replace") or "{}")
+            notes = json.loads(body[1:].decode("utf-8", "replace") or "{}")
         except ValueError:
             notes = {}
         self.unnamed_because = str(notes.get("unnamed", ""))
         self.landlock = str(notes.get("landlock", ""))
-        if tap_fd is not None and not network:
-            os.close(tap_fd)
-            tap_fd = None
-        if tap_fd is not None:
-            os.set_blocking(tap_fd, False)
-        return tap_fd
 
     def _receive(self) -> tuple[bytes, list[int]]:
         assert self._sock is not None
@@ -374,15 +406,18 @@ class Sandbox:
             if sock is not None:
                 sock.close()
                 setattr(self, attr, None)
+        if self.layer_fd is not None:
+            os.close(self.layer_fd)
+            self.layer_fd = None
         if self.listener is not None:
             os.close(self.listener)
             self.listener = None
         if self.supervisor is not None:
             self.supervisor.stop()
-        if self._resolv_path is not None:
+        private, self._private = self._private, []
+        for path in private:
             with contextlib.suppress(OSError):
-                os.unlink(self._resolv_path)
-            self._resolv_path = None
+                os.unlink(path)
         if not self._trio_waiting:
             self._close_pidfd()
 
@@ -415,29 +450,29 @@ def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
     return msg, fds
 
 
-def _write_resolv_conf(content: str) -> str:
-    """Write the sandbox's resolv.conf (0644) where the child (same kernel uid) can reach it."""
-    import tempfile  # only with network: keeps `tapbox -n` start-up lean
-
-    candidates = [os.environ.get("XDG_RUNTIME_DIR", ""), tempfile.gettempdir(), "/tmp"]
+def _private_file(content: str, mode: int, name: str, made: list[str]) -> str:
+    """Write a file of the sandbox's own (its resolv.conf, mode 0644; the empty file hidden
+    files are replaced with, mode 0000) where the child (same kernel uid) can bind it from,
+    and add its path to `made`. (Not the tempfile module: its import costs start-up time.)"""
+    candidates = [os.environ.get("XDG_RUNTIME_DIR", ""), os.environ.get("TMPDIR", ""), "/tmp"]
     last: OSError | None = None
     for directory in candidates:
         if not directory or not os.access(directory, os.W_OK | os.X_OK):
             continue
+        path = os.path.join(directory, f"tapbox-{name}-{os.urandom(6).hex()}")
         try:
-            fd, path = tempfile.mkstemp(prefix="tapbox-resolv-", suffix=".conf", dir=directory)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
         except OSError as e:
             last = e
             continue
+        made.append(path)
         with open(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o644)
+            os.fchmod(f.fileno(), mode)
             f.write(content)
         return path
     reason = f": {last.strerror}" if last is not None else ""
     raise SetupError(
-        f"tapbox: cannot write a temporary resolv.conf in $XDG_RUNTIME_DIR or /tmp{reason}: "
+        f"tapbox: cannot write a temporary file in $XDG_RUNTIME_DIR or /tmp{reason}: "
         "make /tmp writable or set TMPDIR to a writable directory"
     )
-
-
-# --------------------------------------------------------------------------------------------
