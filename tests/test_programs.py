@@ -15,7 +15,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
 from conftest import RunTapbox
 from fakenet import FakeNet
 
