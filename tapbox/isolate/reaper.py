@@ -26,6 +26,11 @@ SIGXFSZ (which Python ignores), an inherited ignore kept (as subprocess does), a
 execvp(argv) with TAPBOX=1 added to the environment. On failure: "tapbox: CMD: strerror" and
 exit 127 (not found) or 126 (anything else), as env(1). no_new_privs and the seccomp filter were
 set on pid 1 already and carry over.
+
+Python mode (no argv: tapbox.call, tapbox.enter): pid 2 keeps the Python program's signal
+handlers (they are its own, not tapbox's), gets back the signal mask the program had, sees
+TAPBOX=1 (and the environment asked for) in os.environ, and returns from run(): the program goes
+on inside the sandbox.
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ import contextlib
 import errno
 import os
 import signal
+from collections.abc import Mapping
 from typing import NoReturn
 
 from tapbox.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_TAPBOX_FAILED
+from tapbox.isolate.config import SandboxConfig
 from tapbox.isolate.libc import Libc
 from tapbox.isolate.signals import FORWARDED_SIGNALS, should_forward
 
@@ -45,8 +52,10 @@ WAITED = FORWARDED_SIGNALS | {signal.SIGCHLD}
 SANDBOX_ENVIRONMENT = {"TAPBOX": "1"}
 
 
-def run(argv: list[str], libc: Libc) -> NoReturn:
-    """Fork and exec the command, then serve as pid 1 until it exits (every signal blocked)."""
+def run(config: SandboxConfig, libc: Libc, mask: set[signal.Signals]) -> None:
+    """Fork and exec the command, then serve as pid 1 until it exits (every signal blocked).
+    Never returns, except in pid 2 in Python mode (config.argv None); `mask` is the signal
+    mask that process gets back."""
     early = _take_pending()
     try:
         command = os.fork()
@@ -56,8 +65,11 @@ def run(argv: list[str], libc: Libc) -> NoReturn:
                                     "processes? see ulimit -u)\n"))
         os._exit(EXIT_TAPBOX_FAILED)
     if command == 0:  # pragma: no cover - the command's side: leaves through exec or _exit
+        if config.argv is None:
+            _continue(config.env, mask)
+            return
         _restore_signals(libc)
-        _exec(argv)
+        _exec(config.argv, config.env)
     for signo in early:
         _send(command, signo)
     while True:
@@ -106,9 +118,18 @@ def _send(command: int, signo: int) -> None:
         os.kill(command, signo)
 
 
-def _exec(argv: list[str]) -> NoReturn:
+def _continue(env: Mapping[str, str] | None, mask: set[signal.Signals]) -> None:
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+    os.environ.update(SANDBOX_ENVIRONMENT)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _exec(argv: list[str], env: Mapping[str, str] | None) -> NoReturn:
     try:
-        os.execvpe(argv[0], argv, {**os.environ, **SANDBOX_ENVIRONMENT})
+        os.execvpe(argv[0], argv, {**(os.environ if env is None else env),
+                                   **SANDBOX_ENVIRONMENT})
     except OSError as e:
         code = EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE
         reason = e.strerror or str(e)

@@ -67,20 +67,30 @@ class Sandbox:
               meanwhile: Callable[[], object] | None = None) -> Sandbox:
         """Fork the child and return once it is set up (TAP fd received) and waiting for start().
 
-        Call it before trio.run() or any thread starts, from the main thread.
+        Call it before trio.run() or any thread starts, from the main thread (or from a thread
+        that lives as long as the sandbox: see PR_SET_PDEATHSIG in tapbox.isolate.child).
         `meanwhile` runs in the parent while the child sets up (e.g. the engine's imports: the
         two overlap on a multi-core machine). Raises SetupError naming cause and fix.
         """
         if not config.argv:
             raise SetupError("tapbox: no command given: usage: tapbox [OPTIONS] -- CMD [ARGS...]")
+        sandbox = cls.fork(config, meanwhile)
+        assert sandbox is not None  # only Python mode returns in the sandbox
+        return sandbox
+
+    @classmethod
+    def fork(cls, config: SandboxConfig,
+             meanwhile: Callable[[], object] | None = None) -> Sandbox | None:
+        """spawn(), and with `config.argv` None (Python mode) it returns twice, as os.fork():
+        here with the Sandbox, and None in pid 2 of the sandbox once start() lets it go on."""
         uid, gid = os.getuid(), os.getgid()
         resolv_path = _write_resolv_conf(config.resolv_conf) if config.network else None
+        parent = os.getpid()
         try:
             plan = plan_mod.build(config, resolv_path)
             parent_sock, child_sock = socket.socketpair(
                 socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
             )
-            parent_pid = os.getpid()
             try:
                 pid = os.fork()
             except OSError as e:
@@ -89,7 +99,8 @@ class Sandbox:
                 raise SetupError(f"tapbox: cannot fork the sandbox process: {e.strerror}") from e
             if pid == 0:  # pragma: no cover - the child leaves through os._exit or exec
                 parent_sock.close()
-                child_main(config, plan, child_sock, parent_pid, uid, gid)
+                child_main(config, plan, child_sock, parent, uid, gid)
+                return None  # pid 2 in Python mode
             child_sock.close()
             # Our unreaped child: its pid cannot be reused before we wait for it.
             try:
@@ -110,8 +121,8 @@ class Sandbox:
             return sandbox
         finally:
             # The child has bind-mounted it (the mount keeps the inode) or failed: either way the
-            # name is no longer needed.
-            if resolv_path is not None:
+            # name is no longer needed (by the parent: pid 2 in Python mode leaves it alone).
+            if resolv_path is not None and os.getpid() == parent:
                 with contextlib.suppress(OSError):
                     os.unlink(resolv_path)
 
