@@ -28,6 +28,8 @@ _PUBLIC = {
     "DnsQuery": "tapbox.api.records",
     "Process": "tapbox.api.records",
     "read_log": "tapbox.api.records",
+    "inside": "tapbox.api.records",
+    "Inside": "tapbox.api.records",
     "RemoteTraceback": "tapbox.api.calls",
     "PIPE": "tapbox.api.job",
     "DEVNULL": "tapbox.api.job",
@@ -57,6 +59,7 @@ __all__ = [
     "DEVNULL",
     "DeniedError",
     "DnsQuery",
+    "Inside",
     "EngineError",
     "Flow",
     "InputError",
@@ -77,6 +80,7 @@ __all__ = [
     "call",
     "call_async",
     "enter",
+    "inside",
     "read_log",
     "run",
     "run_async",
@@ -102,7 +106,16 @@ if TYPE_CHECKING:
     from tapbox.api.calls import RemoteTraceback
     from tapbox.api.enter import enter
     from tapbox.api.job import DEVNULL, PIPE, STDOUT
-    from tapbox.api.records import DnsQuery, Flow, Process, Records, Result, read_log
+    from tapbox.api.records import (
+        DnsQuery,
+        Flow,
+        Inside,
+        Process,
+        Records,
+        Result,
+        inside,
+        read_log,
+    )
     from tapbox.api.run import call, call_async, run, run_async
     from tapbox.errors import (
         AllowlistError,

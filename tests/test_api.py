@@ -527,3 +527,42 @@ def test_fake_http_serves_through_the_sandbox(fake_http: str) -> None:
                            f"{fake_http!r}, timeout=5).read().decode(), end='')"),
                         capture_output=True, allow=["api.example.test:8000"], **NET)
     assert result.stdout == HTTP_BODY, result.stderr
+
+
+def test_inside_reads_the_sandboxs_own_records(fakenet: FakeNet) -> None:
+    assert tapbox.inside() is None  # not in a sandbox the API made
+
+    def look() -> list[str]:
+        connect("203.0.113.7", 80)
+        here = tapbox.inside()
+        assert here is not None
+        with pytest.raises(OSError):  # read-only inside, as every record file
+            open(here.log, "a").close()
+        deadline = time.monotonic() + 5
+        while not (flows := here.records().flows) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return [str(f) for f in flows]
+
+    assert tapbox.call(look, allow=["192.0.2.10"], **NET) == ["tcp 203.0.113.7:80"]
+    result = tapbox.run(["sh", "-c", 'echo "$TAPBOX_LOG"'], capture_output=True, text=True,
+                        allow=["192.0.2.10"], **NET)
+    assert result.stdout.strip().endswith("events.jsonl")
+    assert not os.path.exists(result.stdout.strip())  # the temporary log is gone
+
+
+def test_enter_returns_the_sandboxs_log_and_the_supervisor_removes_it(fakenet: FakeNet) -> None:
+    proc = run_script(f"""
+        import os, socket, tapbox
+        here = tapbox.enter(allow=["192.0.2.10:80"], dns_upstream="{DNS_UPSTREAM}", report="quiet")
+        socket.socket().connect_ex(("203.0.113.7", 80))
+        import time
+        deadline = time.monotonic() + 5
+        while not here.records().denied and time.monotonic() < deadline:
+            time.sleep(0.02)
+        print(here.log)
+        print(*[str(d) for d in here.records().denied])
+    """)
+    assert proc.returncode == 0, proc.stderr
+    log, denied = proc.stdout.splitlines()
+    assert denied == "tcp 203.0.113.7:80"
+    assert not os.path.exists(log)

@@ -35,14 +35,17 @@ from collections.abc import Iterable
 from typing import Any, NoReturn
 
 from tapbox.api.options import run_options
+from tapbox.api.records import Inside
+from tapbox.api.runlog import RunLog, command_env
 from tapbox.errors import SetupError, UsageError
 from tapbox.isolate import Sandbox, SignalForwarder
 from tapbox.runner import Prepared, prepare, raise_fd_limit, serve
 
 
-def enter(*, pass_fds: Iterable[int] = (), **options: Any) -> None:
-    """Go on inside a sandbox made with `options` (those of tapbox.run). Returns inside it;
-    the process that called it becomes the supervisor and never returns."""
+def enter(*, pass_fds: Iterable[int] = (), **options: Any) -> Inside | None:
+    """Go on inside a sandbox made with `options` (those of tapbox.run). Returns inside it
+    (with the sandbox's event log, when it has a network: tapbox.Inside); the process that
+    called it becomes the supervisor and never returns."""
     _refuse_unsafe()
     run = run_options(options, what="tapbox.enter")
     from tapbox.api.nesting import nesting_problem
@@ -50,7 +53,12 @@ def enter(*, pass_fds: Iterable[int] = (), **options: Any) -> None:
     problem = nesting_problem(run)
     if problem is not None:
         raise SetupError(problem)
-    prepared = prepare(["python", *sys.argv], run)
+    log = RunLog(run)
+    try:
+        prepared = prepare(["python", *sys.argv], log.options)
+    except BaseException:
+        log.remove()
+        raise
     keep = tuple(pass_fds)
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -59,19 +67,22 @@ def enter(*, pass_fds: Iterable[int] = (), **options: Any) -> None:
             pass
     forwarder = SignalForwarder()
     try:
-        sandbox = Sandbox.fork(prepared.sandbox_config(None, pass_fds=keep),
+        sandbox = Sandbox.fork(prepared.sandbox_config(None, pass_fds=keep,
+                                                       env=command_env(None, log.path)),
                                meanwhile=prepared.meanwhile)
     except BaseException:
         forwarder.restore()
         prepared.close()
+        log.remove()
         raise
     if sandbox is None:  # inside: the program goes on, with the signal mask it had
         forwarder.restore()
-        return
-    _supervise(prepared, sandbox, forwarder)
+        return None if log.path is None else Inside(log.path)
+    _supervise(prepared, sandbox, forwarder, log)
 
 
-def _supervise(prepared: Prepared, sandbox: Sandbox, forwarder: SignalForwarder) -> NoReturn:
+def _supervise(prepared: Prepared, sandbox: Sandbox, forwarder: SignalForwarder,
+               log: RunLog) -> NoReturn:
     """The original process, from now on: the `tapbox` command's part, then exit."""
     status = 125
     try:
@@ -87,6 +98,7 @@ def _supervise(prepared: Prepared, sandbox: Sandbox, forwarder: SignalForwarder)
         try:
             forwarder.stop()
             prepared.close()
+            log.remove()  # a temporary log of our own; the caller's log= stays
             sys.stderr.flush()
         finally:
             os._exit(status)

@@ -6,6 +6,10 @@ back from it, so the API and the log can never disagree. `Flow` is one flow, its
 and `flow_end` events joined by their id (a flow still open when the log stopped has no end);
 `DnsQuery` is one `dns` event. Their fields are the log's fields, under the log's names.
 
+Inside a sandbox the API made, the same log is readable as it grows (read-only: tapbox's record
+files are read-only in the sandbox): TAPBOX_LOG names it in the environment of everything that
+runs there, and `inside()` reads it.
+
 Everything in them was recorded by tapbox (JSON-escaped when written), but strings such as a
 DNS name or a process's argv are the sandbox's choosing: `str()` of a record escapes them
 (tapbox.textescape) for printing; the fields hold them as they are.
@@ -236,3 +240,29 @@ def _dns(event: Mapping[str, Any]) -> DnsQuery:
 
 def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
+
+
+LOG_VARIABLE = "TAPBOX_LOG"  # in the sandbox's environment: the run's event log
+
+
+@dataclass(frozen=True)
+class Inside:
+    """A sandbox seen from inside (tapbox.inside(), tapbox.enter()): its event log."""
+
+    log: str
+
+    def records(self) -> Records:
+        """What tapbox has recorded so far. A flow shows up once tapbox knows which process
+        made it (usually within milliseconds, at most half a second after it started)."""
+        return read_log(self.log)
+
+
+def inside() -> Inside | None:
+    """The sandbox this process runs in, if the Python API made it with a network (tapbox.run,
+    call or enter, and whatever they start); None elsewhere."""
+    import os
+
+    path = os.environ.get(LOG_VARIABLE)
+    if not path or os.environ.get("TAPBOX") != "1":
+        return None
+    return Inside(path)

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 from tapbox.api.calls import DEFAULT_MAX_RESULT, outcome, run_child
 from tapbox.api.job import PIPE, Job, Streams, StreamSpec
 from tapbox.api.options import run_options
-from tapbox.api.records import Records, Result, describe_args, read_log
+from tapbox.api.records import Records, Result, describe_args
+from tapbox.api.runlog import RunLog, command_env
 from tapbox.errors import DeniedError, EngineError, TimeoutExpired, UsageError
 from tapbox.options import RunOptions
 from tapbox.runner import prepare
@@ -105,40 +103,11 @@ async def call_async(fn: Callable[..., Any], /, *args: Any, timeout: float | Non
 # ------------------------------------------------------------------------------------------------
 
 
-class _Log:
-    """The run's event log: the caller's `log=` file, or a temporary one of our own."""
-
-    def __init__(self, options: RunOptions) -> None:
-        self.caller = options.record.log
-        self.directory: str | None = None
-        self.options = options
-        if options.network.enabled and self.caller is None:
-            self.directory = tempfile.mkdtemp(prefix="tapbox-run-")
-            path = os.path.join(self.directory, "events.jsonl")
-            self.options = replace(options, record=replace(options.record, log=path))
-        self.path = self.options.record.log
-
-    def records(self) -> Records:
-        if self.path is None:
-            return Records()
-        try:
-            return read_log(self.path)
-        except OSError:
-            return Records()
-        finally:
-            self.remove()
-
-    def remove(self) -> None:
-        if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory = None
-
-
 def _prepared_job(label: list[str], keywords: Mapping[str, Any], what: str,
-                  make: Callable[[Any], Job]) -> tuple[Job, _Log]:
+                  make: Callable[[Any], Job]) -> tuple[Job, RunLog]:
     options = run_options(keywords, what=what)
     _refuse_nesting(options)
-    log = _Log(options)
+    log = RunLog(options)
     try:
         prepared = prepare(label, log.options)
         try:
@@ -155,7 +124,7 @@ def _run_job(args: Any, stdin: StreamSpec, input: bytes | str | None, stdout: St
              stderr: StreamSpec, capture_output: bool, text: bool | None, encoding: str | None,
              errors: str | None, cwd: Any, env: Mapping[str, str] | None,
              pass_fds: Iterable[int], options: Mapping[str, Any]
-             ) -> tuple[Job, list[str], bytes | None, Callable[[bytes], Any], _Log]:
+             ) -> tuple[Job, list[str], bytes | None, Callable[[bytes], Any], RunLog]:
     argv = _argv(args)
     if capture_output:
         if stdout is not None or stderr is not None:
@@ -177,7 +146,7 @@ def _run_job(args: Any, stdin: StreamSpec, input: bytes | str | None, stdout: St
         streams = Streams(stdin, stdout, stderr)
         try:
             return Job(prepared, argv, streams, pass_fds=pass_fds, cwd=_cwd(cwd),
-                       env=_env(env))
+                       env=command_env(env, prepared.options.record.log))
         except BaseException:
             streams.close()
             raise
@@ -188,7 +157,7 @@ def _run_job(args: Any, stdin: StreamSpec, input: bytes | str | None, stdout: St
 
 def _call_job(fn: Callable[..., Any], args: tuple[Any, ...], cwd: Any,
               env: Mapping[str, str] | None, pass_fds: Iterable[int],
-              options: Mapping[str, Any]) -> tuple[Job, str, _Log]:
+              options: Mapping[str, Any]) -> tuple[Job, str, RunLog]:
     if not callable(fn):
         raise UsageError(f"tapbox.call: expected a function, got {type(fn).__name__}")
     what = _name_of(fn)
@@ -196,7 +165,8 @@ def _call_job(fn: Callable[..., Any], args: tuple[Any, ...], cwd: Any,
     def make(prepared: Any) -> Job:
         streams = Streams(result=True)
         try:
-            job = Job(prepared, None, streams, pass_fds=pass_fds, cwd=_cwd(cwd), env=_env(env),
+            job = Job(prepared, None, streams, pass_fds=pass_fds, cwd=_cwd(cwd),
+                      env=command_env(env, prepared.options.record.log),
                       child=lambda: run_child(fn, args, streams.result_fd))
         except BaseException:
             streams.close()
@@ -208,7 +178,7 @@ def _call_job(fn: Callable[..., Any], args: tuple[Any, ...], cwd: Any,
 
 
 def _finish(job: Job, argv: list[str], piped: dict[str, bytes], decode: Callable[[bytes], Any],
-            log: _Log, timeout: float | None, check: bool) -> Result:
+            log: RunLog, timeout: float | None, check: bool) -> Result:
     records = log.records()
     if job.error is not None:
         raise job.error
@@ -231,7 +201,7 @@ def _finish(job: Job, argv: list[str], piped: dict[str, bytes], decode: Callable
     return result
 
 
-def _call_outcome(job: Job, what: str, piped: dict[str, bytes], log: _Log,
+def _call_outcome(job: Job, what: str, piped: dict[str, bytes], log: RunLog,
                   timeout: float | None, check: bool, result_types: Iterable[type],
                   max_result: int) -> Any:
     records = log.records()
@@ -304,12 +274,6 @@ def _cwd(cwd: Any) -> str | None:
     if not os.path.isdir(path):
         raise UsageError(f"cwd={os.fspath(cwd)!r}: not a directory")
     return path
-
-
-def _env(env: Mapping[str, str] | None) -> dict[str, str] | None:
-    if env is None:
-        return None
-    return {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()}
 
 
 def _name_of(fn: Callable[..., Any]) -> str:
