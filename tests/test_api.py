@@ -566,3 +566,35 @@ def test_enter_returns_the_sandboxs_log_and_the_supervisor_removes_it(fakenet: F
     log, denied = proc.stdout.splitlines()
     assert denied == "tcp 203.0.113.7:80"
     assert not os.path.exists(log)
+
+
+def test_enter_in_a_forked_test_process(fakenet: FakeNet) -> None:
+    """os.fork() of this (threaded) pytest process: the child has one thread, may enter, and
+    becomes the supervisor; what returned from enter() runs inside and its status comes out."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the forked child
+        status = 99
+        try:
+            os.close(read)
+            tapbox.enter(allow=["192.0.2.10:80"], pass_fds=[write], **NET)
+            os.write(write, f"{os.getpid()} {connect('192.0.2.10', 80)} "
+                            f"{connect('203.0.113.7', 80)}".encode())
+            status = 7
+        finally:
+            os._exit(status)
+    os.close(write)
+    try:
+        deadline = time.monotonic() + 60
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert done[0] == pid, "the forked child did not finish"
+        assert os.waitstatus_to_exitcode(done[1]) == 7
+        assert os.read(read, 1000).decode() == \
+            "2 hello from 192.0.2.10:80 ConnectionRefusedError"
+    finally:
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(read)
+    assert not fakenet.connections("203.0.113.7")

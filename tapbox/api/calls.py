@@ -70,7 +70,8 @@ def run_child(fn: Callable[..., Any], args: tuple[Any, ...], fd: int) -> NoRetur
         try:
             outcome: tuple[Any, ...] = ("value", fn(*args))
         except BaseException as exc:  # noqa: B036 - every outcome goes back to the caller
-            text = "".join(traceback.format_exception(exc))
+            tb = exc.__traceback__.tb_next if exc.__traceback__ else None  # not this frame
+            text = "".join(traceback.format_exception(type(exc), exc, tb))
             outcome = ("raised", exc, text) if isinstance(exc, Exception) else \
                 ("raised-text", _type_name(exc), _message(exc), text)
         for stream in (sys.stdout, sys.stderr):
