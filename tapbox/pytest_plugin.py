@@ -205,16 +205,23 @@ def _loop_outside(item: pytest.Item) -> str | None:
         return None
     import inspect
 
+    async_fixtures = []
     definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
     for name, defs in definitions.items():
         for fixturedef in defs:
             func = getattr(fixturedef, "func", None)
-            if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
-                return (f"tapbox: {item.nodeid} is an anyio test with an async fixture "
-                        f"({name}): anyio runs those in an event loop of pytest's process, "
-                        f"which the test's sandbox cannot share. Make the fixture synchronous, "
-                        "or sandbox the whole session (--tapbox-profile / --tapbox-allow)")
-    return None
+            if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func) \
+                    or getattr(func, "__module__", None) == "anyio.pytest_plugin":
+                async_fixtures.append(name)  # (anyio < 4.1 puts a wrapper of its own there)
+    # ...and anyio's runner, alive in this process while an async fixture holds it
+    runner = getattr(sys.modules.get("anyio.pytest_plugin"), "_current_runner", None)
+    if not async_fixtures and runner is None:
+        return None
+    which = f" ({', '.join(async_fixtures)})" if async_fixtures else ""
+    return (f"tapbox: {item.nodeid} is an anyio test with an async fixture{which}: anyio runs "
+            "those in an event loop of pytest's process, which the test's sandbox cannot "
+            "share. Make the fixture synchronous, or sandbox the whole session "
+            "(--tapbox-profile / --tapbox-allow)")
 
 
 def _child(runtest: Callable[[], None]) -> tuple[str, Any] | None:

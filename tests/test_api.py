@@ -257,12 +257,12 @@ def test_runs_from_several_threads_at_once(fakenet: FakeNet) -> None:
 
 
 def double(x: int) -> tuple[int, int, str | None]:
-    return x * 2, os.getpid(), os.environ.get("TAPBOX")
+    return x * 2, os.getppid(), os.environ.get("TAPBOX")
 
 
 def test_call_returns_the_value_from_inside() -> None:
-    value, pid, marker = tapbox.call(double, 21, network=False)
-    assert (value, pid, marker) == (42, 2, "1")  # pid 2 of its own PID namespace
+    value, parent, marker = tapbox.call(double, 21, network=False)
+    assert (value, parent, marker) == (42, 1, "1")  # a child of pid 1 of its PID namespace
 
 
 def test_call_raises_the_exception_with_its_traceback() -> None:
@@ -333,6 +333,7 @@ def test_call_does_not_unpickle_hostile_bytes(tmp_path: Path) -> None:
 
 
 def test_call_result_size_is_bounded() -> None:
+    assert tapbox.call(bytes, 3_000_000, network=False) == bytes(3_000_000)  # > a pipe's buffer
     with pytest.raises(tapbox.ResultError, match="larger than max_result"):
         tapbox.call(bytes, 1_000_000, network=False, max_result=100_000)
 
@@ -460,12 +461,12 @@ def test_enter_continues_inside_and_exits_with_its_status(fakenet: FakeNet) -> N
                     s.sendall(b"HELLO\\n"); return s.makefile().readline().strip()
             except OSError as e:
                 return type(e).__name__
-        print(os.getpid(), os.getppid(), os.environ["TAPBOX"], hello("192.0.2.10"),
+        print(os.getpid() != before, os.getppid(), os.environ["TAPBOX"], hello("192.0.2.10"),
               hello("203.0.113.7"))
         sys.exit(3)
     """)
     assert proc.returncode == 3, proc.stderr
-    assert proc.stdout == "before\n2 1 1 hello from 192.0.2.10:80 ConnectionRefusedError\n"
+    assert proc.stdout == "before\nTrue 1 1 hello from 192.0.2.10:80 ConnectionRefusedError\n"
     assert "denied tcp 203.0.113.7:80" in proc.stderr  # the supervisor's report
     assert not fakenet.connections("203.0.113.7")
 
@@ -578,7 +579,7 @@ def test_enter_in_a_forked_test_process(fakenet: FakeNet) -> None:
         try:
             os.close(read)
             tapbox.enter(allow=["192.0.2.10:80"], pass_fds=[write], **NET)
-            os.write(write, f"{os.getpid()} {connect('192.0.2.10', 80)} "
+            os.write(write, f"{os.getppid()} {connect('192.0.2.10', 80)} "
                             f"{connect('203.0.113.7', 80)}".encode())
             status = 7
         finally:
@@ -591,10 +592,24 @@ def test_enter_in_a_forked_test_process(fakenet: FakeNet) -> None:
         assert done[0] == pid, "the forked child did not finish"
         assert os.waitstatus_to_exitcode(done[1]) == 7
         assert os.read(read, 1000).decode() == \
-            "2 hello from 192.0.2.10:80 ConnectionRefusedError"
+            "1 hello from 192.0.2.10:80 ConnectionRefusedError"
     finally:
         if done[0] == 0:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         os.close(read)
     assert not fakenet.connections("203.0.113.7")
+
+
+def test_call_can_use_trio_threads_after_a_run(fakenet: FakeNet) -> None:
+    """The engine leaves idle trio worker threads in this process; the function's copy of
+    the process has none, and must not wait for them (trio < 0.29 would, python-trio#2764)."""
+    tapbox.run(py("import socket; socket.getaddrinfo('api.example.test', 80)"),
+               allow=["api.example.test:80"], **NET)  # the engine attributes: trio threads
+
+    def threaded() -> int:
+        async def main() -> int:
+            return await trio.to_thread.run_sync(lambda: 6 * 7)
+        return trio.run(main)
+
+    assert tapbox.call(threaded, network=False, timeout=30) == 42

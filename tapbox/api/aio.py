@@ -21,10 +21,10 @@ from tapbox.errors import UsageError
 T = TypeVar("T")
 
 
-async def run_in_thread(fn: Callable[[], T], cancel: Callable[[], object]) -> T:
-    box: dict[str, Any] = {}
+def require_loop() -> str:
+    """"trio" or "asyncio", whichever runs this coroutine; UsageError if neither does."""
     if _in_trio():
-        return await _trio_wait(fn, cancel, box)
+        return "trio"
     try:
         import asyncio
 
@@ -32,6 +32,13 @@ async def run_in_thread(fn: Callable[[], T], cancel: Callable[[], object]) -> T:
     except RuntimeError:
         raise UsageError("tapbox: an async tapbox function must be awaited in an asyncio or "
                          "trio event loop (without one, call the plain function)") from None
+    return "asyncio"
+
+
+async def run_in_thread(fn: Callable[[], T], cancel: Callable[[], object]) -> T:
+    box: dict[str, Any] = {}
+    if require_loop() == "trio":
+        return await _trio_wait(fn, cancel, box)
     return await _asyncio_wait(fn, cancel, box)
 
 

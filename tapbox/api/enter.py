@@ -34,6 +34,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any, NoReturn
 
+from tapbox.api.job import forget_trio_workers
 from tapbox.api.options import run_options
 from tapbox.api.records import Inside
 from tapbox.api.runlog import RunLog, command_env
@@ -47,6 +48,7 @@ def enter(*, pass_fds: Iterable[int] = (), **options: Any) -> Inside | None:
     (with the sandbox's event log, when it has a network: tapbox.Inside); the process that
     called it becomes the supervisor and never returns."""
     _refuse_unsafe()
+    forget_trio_workers()  # no other thread runs: any on trio's record died in a fork
     run = run_options(options, what="tapbox.enter")
     from tapbox.api.nesting import nesting_problem
 

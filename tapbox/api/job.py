@@ -178,6 +178,7 @@ class Job:
     def _in_sandbox(self) -> NoReturn:
         """Pid 2 in Python mode: run the child function; it must leave through os._exit."""
         try:
+            forget_trio_workers()
             if self.child is not None:
                 self.child()
         finally:
@@ -283,3 +284,20 @@ class Job:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def forget_trio_workers() -> None:
+    """trio before 0.29 keeps its idle worker threads on record across fork (python-trio/trio
+    issue 2764): a process forked from one whose engine used trio.to_thread (a call()'s
+    function; enter() in a forked process) would hand work to threads that do not exist there,
+    and hang. Call it only where no other thread runs. Newer trio forgets them by itself."""
+    import sys
+
+    if "trio" not in sys.modules:
+        return
+    try:
+        from trio._core._thread_cache import THREAD_CACHE
+
+        THREAD_CACHE._idle_workers.clear()
+    except (ImportError, AttributeError):
+        pass

@@ -41,9 +41,11 @@ def run(args: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
     """Run `args` in a sandbox, as subprocess.run runs it, and return what happened."""
     job, argv, feed, decode, log = _run_job(args, stdin, input, stdout, stderr, capture_output,
                                             text, encoding, errors, cwd, env, pass_fds, options)
-    job.start()
-    piped = job.wait(feed, timeout)
-    return _finish(job, argv, piped, decode, log, timeout, check)
+    try:
+        job.start()
+        return _finish(job, argv, job.wait(feed, timeout), decode, log, timeout, check)
+    finally:
+        log.remove()  # (done already, unless the wait was interrupted)
 
 
 async def run_async(args: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
@@ -57,14 +59,18 @@ async def run_async(args: str | os.PathLike[str] | Sequence[str | os.PathLike[st
                     **options: Any) -> Result:
     """tapbox.run for asyncio and trio programs: the loop keeps running meanwhile; cancelling
     the awaiting task kills the sandbox."""
-    from tapbox.api.aio import run_in_thread
+    from tapbox.api.aio import require_loop, run_in_thread
 
+    require_loop()  # before anything is prepared
     job, argv, feed, decode, log = _run_job(args, stdin, input, stdout, stderr, capture_output,
                                             text, encoding, errors, cwd, env, pass_fds, options)
 
     def body() -> Result:
-        job.start()
-        return _finish(job, argv, job.wait(feed, timeout), decode, log, timeout, check)
+        try:
+            job.start()
+            return _finish(job, argv, job.wait(feed, timeout), decode, log, timeout, check)
+        finally:
+            log.remove()
 
     return await run_in_thread(body, job.kill)
 
@@ -77,9 +83,12 @@ def call(fn: Callable[..., Any], /, *args: Any, timeout: float | None = None,
     """fn(*args) in a sandboxed child process (a fork of this one); its result, or the
     exception it raised. Keyword arguments are tapbox's: pass fn's own with functools.partial."""
     job, what, log = _call_job(fn, args, cwd, env, pass_fds, options)
-    job.start()
-    piped = job.wait(None, timeout, max_result)
-    return _call_outcome(job, what, piped, log, timeout, check, result_types, max_result)
+    try:
+        job.start()
+        piped = job.wait(None, timeout, max_result)
+        return _call_outcome(job, what, piped, log, timeout, check, result_types, max_result)
+    finally:
+        log.remove()
 
 
 async def call_async(fn: Callable[..., Any], /, *args: Any, timeout: float | None = None,
@@ -88,14 +97,19 @@ async def call_async(fn: Callable[..., Any], /, *args: Any, timeout: float | Non
                      result_types: Iterable[type] = (), max_result: int = DEFAULT_MAX_RESULT,
                      **options: Any) -> Any:
     """tapbox.call for asyncio and trio programs (see run_async)."""
-    from tapbox.api.aio import run_in_thread
+    from tapbox.api.aio import require_loop, run_in_thread
 
+    require_loop()
     job, what, log = _call_job(fn, args, cwd, env, pass_fds, options)
 
     def body() -> Any:
-        job.start()
-        piped = job.wait(None, timeout, max_result)
-        return _call_outcome(job, what, piped, log, timeout, check, result_types, max_result)
+        try:
+            job.start()
+            piped = job.wait(None, timeout, max_result)
+            return _call_outcome(job, what, piped, log, timeout, check, result_types,
+                                 max_result)
+        finally:
+            log.remove()
 
     return await run_in_thread(body, job.kill)
 
