@@ -104,7 +104,9 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> Generator[None
             try:
                 entered = tapbox.enter(**options)
             except tapbox.TapboxError as exc:
-                raise pytest.UsageError(f"tapbox: {exc}") from None
+                text = str(exc)
+                raise pytest.UsageError(text if text.startswith("tapbox:")
+                                        else f"tapbox: {text}") from None
             early_config.stash[_SESSION] = _Session(entered.log if entered else None)
     yield
 
