@@ -6,8 +6,9 @@ How this works
 whose defaults are what a bare `tapbox -- CMD` does:
 
     network      allowlist rules and files, DNS upstreams, MTU, IPv6 -- or no network at all
-    filesystem   what the command sees of the host's files (today: all of it, as it is)
-    environment  who the command runs as inside (--root)
+    filesystem   what the command sees of the host's files: the view, and paths written,
+                 read, hidden or emptied (docs/isolation.md)
+    environment  who the command runs as inside (--root) and its environment variables
     record       what is recorded and reported: event log, capture, audit/learn, stderr
     limits       resource limits (none yet)
 
@@ -47,7 +48,9 @@ DEFAULT_LOG_LIMIT = 100_000_000  # bytes: "100M"
 MIN_LOG_LIMIT = 4096  # room for the start event and the truncation notice
 
 IPv6Mode = Literal["auto", "on", "off"]
-FilesystemView = Literal["host"]
+FilesystemView = Literal["project", "host"]
+PathAction = Literal["write", "read", "hide", "tmpfs"]
+PATH_ACTIONS: tuple[PathAction, ...] = ("write", "read", "hide", "tmpfs")
 Report = Literal["auto", "summary", "quiet"]
 
 # Field metadata (see "Adding an option" above).
@@ -64,6 +67,27 @@ class AllowRule(NamedTuple):
     source: str = "--allow"  # tapbox.allowlist.CLI_SOURCE
 
 
+class PathRule(NamedTuple):
+    """One filesystem option as given: `action` is what to do with `path` in the sandbox
+    (write: bind it writable; read: bind it read-only, also re-exposing a hidden path; hide:
+    empty and inaccessible; tmpfs: empty, writable, discarded), in the order given: later
+    wins. A profile or the API may write it as one string, "write ~/.cache"."""
+
+    action: str  # one of PATH_ACTIONS (checked by RunOptions.validate)
+    path: str
+
+    @classmethod
+    def parse(cls, text: str) -> PathRule:
+        """ "ACTION PATH" -> PathRule; ValueError naming the problem."""
+        action, _, path = text.strip().partition(" ")
+        if action not in PATH_ACTIONS:
+            raise ValueError(f"{text!r}: expected ACTION PATH with ACTION one of "
+                             f"{', '.join(PATH_ACTIONS)}")
+        if not path.strip():
+            raise ValueError(f"{text!r}: no path after {action!r}")
+        return cls(action, path.strip())
+
+
 class _Part:
     """Shared by the parts: lists given where tuples belong become tuples, and plain strings
     given as rules become AllowRules, so the API may pass what is natural."""
@@ -75,6 +99,8 @@ class _Part:
                 continue
             if typing.get_args(hint)[0] is AllowRule:
                 value = [AllowRule(item) if isinstance(item, str) else item for item in value]
+            elif typing.get_args(hint)[0] is PathRule:
+                value = [_path_rule(item) for item in value]
             object.__setattr__(self, name, tuple(value))
 
 
@@ -92,23 +118,30 @@ class NetworkOptions(_Part):
 
 @dataclass(frozen=True)
 class FilesystemOptions(_Part):
-    """What the command sees of the host's files.
+    """What the command sees of the host's files (docs/isolation.md).
 
-    Today there is one view, "host": the host's filesystem as it is (a private resolv.conf
-    aside). The isolation issue (9) adds the "project" view as the default, `write`, `read`,
-    `hide` and `tmpfs` path lists; the copy-on-write issue (10) adds "overlay" and where its
-    layers are kept.
+    "project" (the default): the host read-only, the working directory writable, $HOME
+    copy-on-write to a throwaway layer, private /tmp, /dev/shm, /run and $XDG_RUNTIME_DIR, a
+    minimal /dev, secrets hidden. "host": the host's filesystem as it is (a private
+    resolv.conf aside). `paths` (--write/--read/--hide/--tmpfs) are applied after the view,
+    in order: later wins. The copy-on-write issue (10) adds "overlay" and where its layers
+    are kept.
     """
 
-    view: FilesystemView = "host"
+    view: FilesystemView = "project"
+    paths: tuple[PathRule, ...] = field(default=(), metadata=ADDS | PATH)
 
 
 @dataclass(frozen=True)
 class EnvironmentOptions(_Part):
-    """Who the command runs as. The command inherits tapbox's environment variables as they
-    are; the isolation issue (9) adds setenv / unsetenv / clearenv here."""
+    """Who the command runs as, and its environment: tapbox's own, minus the variables that
+    name sockets the project view hides, then `clearenv` (keeps KEPT_BY_CLEARENV), `unsetenv`,
+    `setenv` in that order (tapbox.isolate.environment), plus TAPBOX=1."""
 
     root: bool = False  # --root: uid/gid 0 inside (fakeroot); else the caller's uid/gid
+    setenv: tuple[str, ...] = field(default=(), metadata=ADDS)  # "VAR=VALUE"
+    unsetenv: tuple[str, ...] = field(default=(), metadata=ADDS)  # "VAR"
+    clearenv: bool = False
 
 
 @dataclass(frozen=True)
@@ -227,6 +260,20 @@ class RunOptions:
         if record.log_limit < MIN_LOG_LIMIT:
             raise fail("record.log_limit", f"{name('record.log_limit')} {record.log_limit}: "
                                            f"must be at least {MIN_LOG_LIMIT} bytes")
+        for rule in self.filesystem.paths:
+            problem = _path_rule_problem(rule)
+            if problem:
+                given = name("filesystem.paths")  # on the command line: the flag itself
+                label = f"--{rule.action}" if given.startswith("--") and \
+                    rule.action in PATH_ACTIONS else given
+                raise fail("filesystem.paths", f"{label}: {problem}")
+        env = self.environment
+        for path, items, check in (("environment.setenv", env.setenv, _setenv_problem),
+                                   ("environment.unsetenv", env.unsetenv, _variable_problem)):
+            for item in items:
+                problem = check(item)
+                if problem:
+                    raise fail(path, f"{name(path)} {item!r}: {problem}")
         if not net.enabled:
             for path, used in (("record.log", record.log), ("record.audit", record.audit),
                                ("record.learn", record.learn), ("record.pcap", record.pcap)):
@@ -234,6 +281,44 @@ class RunOptions:
                     raise fail(path, f"{name(path)} needs the network: it cannot be used "
                                      f"with {name('network.enabled')}")
         return self
+
+
+def _path_rule(item: Any) -> Any:
+    """A string "ACTION PATH" given where a PathRule belongs, as a PathRule (validate() names
+    what does not parse: it is left as it is)."""
+    if isinstance(item, str):
+        try:
+            return PathRule.parse(item)
+        except ValueError:
+            return item
+    return item
+
+
+def _path_rule_problem(rule: PathRule) -> str | None:
+    if rule.action not in PATH_ACTIONS:
+        return f"{rule.action!r} is not one of {', '.join(PATH_ACTIONS)}"
+    if not rule.path:
+        return "empty path"
+    if "\0" in rule.path:
+        return f"{rule.path!r}: a path cannot contain a NUL byte"
+    return None
+
+
+def _variable_problem(name: str) -> str | None:
+    if not name:
+        return "empty variable name"
+    if "=" in name or "\0" in name:
+        return "a variable name cannot contain '=' or a NUL byte"
+    return None
+
+
+def _setenv_problem(item: str) -> str | None:
+    name, equals, value = item.partition("=")
+    if not equals:
+        return "expected VAR=VALUE"
+    if "\0" in value:
+        return "a value cannot contain a NUL byte"
+    return _variable_problem(name)
 
 
 def part_fields(part: str) -> dict[str, Any]:
@@ -288,7 +373,8 @@ def _type_problem(value: Any, hint: Any) -> str | None:
         item = args[0]
         if isinstance(value, tuple) and all(_type_problem(v, item) is None for v in value):
             return None
-        return "a list of " + ("rules (strings)" if item is AllowRule else "strings")
+        return "a list of " + ("rules (strings)" if item is AllowRule else
+                               "paths (\"ACTION PATH\" strings)" if item is PathRule else "strings")
     if hint is bool:
         return None if isinstance(value, bool) else "true or false"
     if hint is int:

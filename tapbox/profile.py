@@ -28,7 +28,16 @@ from collections.abc import Callable
 from typing import Any
 
 from tapbox.errors import AllowlistError, ProfileError, UsageError
-from tapbox.options import AllowRule, Layer, Origin, RunOptions, field_type, part_fields, part_names
+from tapbox.options import (
+    AllowRule,
+    Layer,
+    Origin,
+    PathRule,
+    RunOptions,
+    field_type,
+    part_fields,
+    part_names,
+)
 from tapbox.tomllines import KeyPath, key_lines, line_of
 
 _TOML_POSITION = re.compile(r"(.*) \(at (?:line ([0-9]+), column ([0-9]+)|end of document)\)",
@@ -134,7 +143,7 @@ class _ProfileReader:
 
     def item(self, dotted: str, key: KeyPath, item: Any, metadata: Any) -> Any:
         """One list item: a rule is checked now and remembers its line; a DNS upstream is
-        checked now; a path is made absolute."""
+        checked now; a path, alone or in a filesystem rule ("write PATH"), is made absolute."""
         if not isinstance(item, str):
             return item
         if typing.get_args(field_type(dotted))[0] is AllowRule:
@@ -146,6 +155,12 @@ class _ProfileReader:
             except AllowlistError as exc:
                 raise ProfileError.at(source, exc.problem) from None
             return AllowRule(item, source)
+        if typing.get_args(field_type(dotted))[0] is PathRule:
+            try:
+                rule = PathRule.parse(item)
+            except ValueError as exc:
+                raise self.error(key, f"{dotted}: {exc}") from None
+            return rule._replace(path=self.path_value(dotted, key, rule.path))
         check = _ITEM_CHECKS.get(dotted)
         if check is not None:
             try:

@@ -209,10 +209,12 @@ class Prepared:
         `process`: the command's stdio, pass_fds, cwd and env (SandboxConfig)."""
         resolv = f"nameserver {DNS_ADDRESS}\n" + (f"nameserver {DNS_ADDRESS6}\n" if self.ipv6
                                                  else "")
+        env = self.options.environment
         return SandboxConfig(argv=argv, network=self.network, mtu=self.options.network.mtu,
-                             root=self.options.environment.root, ipv6=self.ipv6,
-                             resolv_conf=resolv,
-                             read_only_files=self.recording.paths(self.options), **process)
+                             root=env.root, ipv6=self.ipv6, resolv_conf=resolv,
+                             read_only_files=self.recording.paths(self.options),
+                             filesystem=self.options.filesystem, setenv=env.setenv,
+                             unsetenv=env.unsetenv, clearenv=env.clearenv, **process)
 
     def meanwhile(self) -> None:
         """What the parent does while the sandbox sets itself up (Sandbox.spawn)."""
@@ -255,21 +257,51 @@ def serve(prepared: Prepared, sandbox: Sandbox) -> int:
     The sandbox is killed and reaped on the way out, whatever happens."""
     options = prepared.options
     try:
-        if options.record.verbose and sandbox.plan is not None:
-            for line in sandbox.plan.describe():
-                print(f"tapbox: sandbox: {line}", file=sys.stderr)
+        _say_plan(sandbox, options)
         if not prepared.network:
             sandbox.start()
-            return sandbox.wait_status()
-        import trio
+            status = sandbox.wait_status()
+        else:
+            import trio
 
-        return trio.run(_serve, sandbox, prepared.rules, prepared.upstreams, prepared.command,
-                        options, prepared.ipv6, prepared.recording, prepared.host)
+            status = trio.run(_serve, sandbox, prepared.rules, prepared.upstreams,
+                              prepared.command, options, prepared.ipv6, prepared.recording,
+                              prepared.host)
+        _say_discarded(sandbox)
+        return status
     finally:
         if sandbox.returncode is None:
             sandbox.kill()
             sandbox.wait_status()
         sandbox.close()
+
+
+def _say_plan(sandbox: Sandbox, options: RunOptions) -> None:
+    """The sandbox's mounts (-v), and what the user should know before the command runs."""
+    from tapbox.textescape import escape
+
+    plan = sandbox.plan
+    if plan is None:
+        return
+    if options.record.verbose:
+        for line in plan.describe():
+            print(f"tapbox: sandbox: {escape(line)}", file=sys.stderr)
+    if options.record.report != "quiet":
+        for line in plan.notices:
+            print(f"tapbox: {escape(line)}", file=sys.stderr)
+
+
+def _say_discarded(sandbox: Sandbox) -> None:
+    """Nothing is lost silently: what the command wrote to its copy-on-write home, once the
+    sandbox is gone (even with -q)."""
+    plan = sandbox.plan
+    if sandbox.layer_fd is None or plan is None or plan.home is None:
+        return
+    from tapbox.isolate import discarded
+
+    line = discarded.describe(discarded.count(sandbox.layer_fd, plan.layers, plan.home))
+    if line is not None:
+        print(f"tapbox: {line}", file=sys.stderr)
 
 
 async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str, int]],

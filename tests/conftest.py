@@ -12,10 +12,13 @@ Fixtures
 ``fakenet``      (session) the running :class:`fakenet.FakeNet`; its records are cleared before
                  every test that uses it.
 ``run_tapbox``   ``run_tapbox(*args, cmd=[...], timeout=120, input=None, allow_file_text=None,
-                 allow=(), user=None, env=None, dns_upstream=DNS_UPSTREAM)`` runs
-                 ``python -m tapbox --dns-upstream 198.51.100.53 [-F tmp/allowed.txt]
-                 [--allow R]... ARGS... -- CMD`` and returns the ``CompletedProcess`` (text).
-                 A run that exceeds ``timeout`` has its process group killed and the test fails.
+                 allow=(), user=None, env=None, dns_upstream=DNS_UPSTREAM, cwd=REPO_ROOT)``
+                 runs ``python -m tapbox --dns-upstream 198.51.100.53 [-F tmp/allowed.txt]
+                 [--allow R]... ARGS... -- CMD`` in ``cwd`` and returns the ``CompletedProcess``
+                 (text). A run that exceeds ``timeout`` has its process group killed and the
+                 test fails. The sandbox's view is tapbox's default: the working directory
+                 (the repository) writable, pytest's ``tmp_path`` (under the host's /tmp) not
+                 visible unless a test passes ``--write``/``--read`` for it.
 ``spawn_tapbox`` same arguments (no ``input``/``timeout``), returns the running ``Popen``
                  (own session, stdout/stderr piped); killed at teardown if still running.
 ``fake_http``    (session) an HTTP server at http://api.example.test:8000/ in the fake internet.
@@ -199,6 +202,7 @@ class RunTapbox(Protocol):
         user: int | None = None,
         env: Mapping[str, str] | None = None,
         dns_upstream: str | None = DNS_UPSTREAM,
+        cwd: Path | str = REPO_ROOT,
     ) -> subprocess.CompletedProcess[str]: ...
 
 
@@ -212,6 +216,7 @@ class SpawnTapbox(Protocol):
         user: int | None = None,
         env: Mapping[str, str] | None = None,
         dns_upstream: str | None = DNS_UPSTREAM,
+        cwd: Path | str = REPO_ROOT,
     ) -> subprocess.Popen[str]: ...
 
 
@@ -226,12 +231,13 @@ def _start_tapbox(
     user: int | None,
     env: Mapping[str, str] | None,
     dns_upstream: str | None,
+    cwd: Path | str = REPO_ROOT,
 ) -> subprocess.Popen[str]:
     """Start `python -m tapbox ... -- CMD` in its own session with stdout/stderr piped."""
     require_netns()
     argv = build_tapbox_argv(tmp_path, args, cmd, allow_file_text=allow_file_text, allow=allow,
                              user=user, dns_upstream=dns_upstream)
-    return subprocess.Popen(argv, cwd=REPO_ROOT, env=tapbox_env(env), stdin=stdin,
+    return subprocess.Popen(argv, cwd=cwd, env=tapbox_env(env), stdin=stdin,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -248,12 +254,13 @@ def run_tapbox(tmp_path: Path) -> RunTapbox:
         user: int | None = None,
         env: Mapping[str, str] | None = None,
         dns_upstream: str | None = DNS_UPSTREAM,
+        cwd: Path | str = REPO_ROOT,
     ) -> subprocess.CompletedProcess[str]:
         proc = _start_tapbox(
             tmp_path, args, cmd,
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
             allow_file_text=allow_file_text, allow=allow, user=user, env=env,
-            dns_upstream=dns_upstream)
+            dns_upstream=dns_upstream, cwd=cwd)
         try:
             out, err = proc.communicate(input=input, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -281,10 +288,11 @@ def spawn_tapbox(tmp_path: Path) -> Iterator[SpawnTapbox]:
         user: int | None = None,
         env: Mapping[str, str] | None = None,
         dns_upstream: str | None = DNS_UPSTREAM,
+        cwd: Path | str = REPO_ROOT,
     ) -> subprocess.Popen[str]:
         proc = _start_tapbox(tmp_path, args, cmd, stdin=subprocess.DEVNULL,
                              allow_file_text=allow_file_text, allow=allow, user=user, env=env,
-                             dns_upstream=dns_upstream)
+                             dns_upstream=dns_upstream, cwd=cwd)
         procs.append(proc)
         return proc
 

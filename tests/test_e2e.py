@@ -243,7 +243,8 @@ def test_non_executable_command_is_126(run_tapbox: RunTapbox, tmp_path: Path) ->
     script = tmp_path / "not-executable.sh"
     script.write_text("#!/bin/sh\nexit 0\n")
     script.chmod(0o644)
-    proc = run_tapbox(cmd=[str(script)], allow_file_text="api.example.test\n", timeout=SHORT)
+    proc = run_tapbox("--read", str(tmp_path), cmd=[str(script)],
+                      allow_file_text="api.example.test\n", timeout=SHORT)
     assert proc.returncode == 126, proc.stderr
 
 

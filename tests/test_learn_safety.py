@@ -87,7 +87,10 @@ def test_the_command_cannot_append_to_the_learn_file(run_tapbox: RunTapbox, fake
     script = "; ".join([f"echo '0.0.0.0/0' >> {learned}",
                         client("hello", "api.example.test", "80"),
                         client("hello", "203.0.113.10", "80")])
-    proc = run_tapbox("--learn", str(learned), cmd=["sh", "-c", script], timeout=SHORT)
+    # tmp_path writable in the sandbox, as a user's project directory would be: FILE itself
+    # is still read-only
+    proc = run_tapbox("--learn", str(learned), "--write", str(tmp_path),
+                      cmd=["sh", "-c", script], timeout=SHORT)
     assert proc.returncode == 0, describe(proc)
     assert "Read-only file system" in proc.stderr, describe(proc)
     text = learned.read_text()
@@ -99,7 +102,10 @@ def test_the_command_cannot_create_the_learn_file(run_tapbox: RunTapbox, fakenet
                                                   tmp_path: Path) -> None:
     learned = tmp_path / "project.allow"
     script = f"echo '0.0.0.0/0' > {learned}; " + client("hello", "api.example.test", "80")
-    proc = run_tapbox("--learn", str(learned), cmd=["sh", "-c", script], timeout=SHORT)
+    # tmp_path writable in the sandbox, as a user's project directory would be: FILE itself
+    # is still read-only
+    proc = run_tapbox("--learn", str(learned), "--write", str(tmp_path),
+                      cmd=["sh", "-c", script], timeout=SHORT)
     assert proc.returncode == 0, describe(proc)
     assert "Read-only file system" in proc.stderr, describe(proc)
     assert rules_in(learned) == ["api.example.test:80"], learned.read_text()

@@ -34,6 +34,7 @@ from tapbox.errors import (
 from tapbox.options import (
     AllowRule,
     EnvironmentOptions,
+    FilesystemOptions,
     Layer,
     LimitsOptions,
     NetworkOptions,
@@ -99,8 +100,9 @@ def test_defaults_are_a_bare_run() -> None:
     options = RunOptions().validate()
     assert options.network == NetworkOptions(enabled=True, allow=(), allowlists=(),
                                              dns_upstream=(), mtu=65520, ipv6="auto")
-    assert options.filesystem.view == "host"
-    assert options.environment == EnvironmentOptions(root=False)
+    assert options.filesystem == FilesystemOptions(view="project", paths=())
+    assert options.environment == EnvironmentOptions(root=False, setenv=(), unsetenv=(),
+                                                     clearenv=False)
     assert options.record == RecordOptions(log=None, pcap=None, pcap_limit=100_000_000,
                                            learn=None, audit=False, report="auto",
                                            verbose=False)

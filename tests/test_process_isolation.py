@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TESTS_DIR, RunTapbox, SpawnTapbox, read_line
+from conftest import REPO_ROOT, TESTS_DIR, RunTapbox, SpawnTapbox, read_line
 from fakenet import FakeNet
 
 PY = sys.executable
@@ -140,7 +140,10 @@ def test_record_files_cannot_be_rewritten_from_inside(run_tapbox: RunTapbox, fak
     rec = tmp_path / "rec"
     rec.mkdir()
     log, pcap, learn = rec / "run.jsonl", rec / "run.pcap", rec / "learned.allow"
+    # The directory is writable in the sandbox (--write), as a user's project directory would
+    # be: the record files in it are not.
     proc = run_tapbox("--log", str(log), "--pcap", str(pcap), "--learn", str(learn),
+                      "--write", str(tmp_path),
                       cmd=[PY, str(ATTACK), str(log), str(pcap), str(learn)], timeout=SHORT)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -178,16 +181,24 @@ def test_a_learn_file_that_was_never_written_is_not_left_behind(run_tapbox: RunT
     assert not learn.exists()
 
 
+@pytest.mark.parametrize("view", ["project", "host"])
 def test_verbose_prints_the_sandbox_plan(run_tapbox: RunTapbox, fakenet: FakeNet,
-                                         tmp_path: Path) -> None:
+                                         tmp_path: Path, view: str) -> None:
     log = tmp_path / "run.jsonl"
-    proc = run_tapbox("-v", "--log", str(log), cmd=["true"], timeout=SHORT)
+    proc = run_tapbox("-v", "--fs", view, "--log", str(log), cmd=["true"], timeout=SHORT)
     assert proc.returncode == 0, proc.stderr
     plan = [ln.removeprefix("tapbox: sandbox: ") for ln in proc.stderr.splitlines()
             if ln.startswith("tapbox: sandbox: ")]
-    assert plan[0].startswith("sysfs /sys") and plan[1].startswith("bind ")
-    assert plan[2] == "proc /proc (the sandbox's PID namespace)"
-    assert plan[3] == f"read-only {log}"
+    if view == "host":
+        assert plan[0].startswith("sysfs /sys") and plan[1].startswith("bind ")
+        assert plan[2] == "proc /proc (the sandbox's PID namespace)"
+        assert plan[3] == f"read-only {log}"
+    else:
+        assert plan[0].startswith("new root") and plan[-1].startswith("pivot_root"), plan
+        assert "proc /proc (the sandbox's PID namespace)" in plan
+        assert f"bind {os.path.realpath(REPO_ROOT)} (the working directory)" in plan
+        assert "tmpfs /tmp (mode 1777; private)" in plan
+        assert f"read-only {log}" in plan  # (not in the view: the sandbox's /tmp is its own)
     assert f"pin {tmp_path} (cannot be renamed or removed)" in plan
 
 

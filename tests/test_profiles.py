@@ -19,7 +19,7 @@ from fakenet import FakeNet
 from tapbox import cli
 from tapbox.cli import parse_args
 from tapbox.errors import ProfileError
-from tapbox.options import AllowRule, RunOptions
+from tapbox.options import AllowRule, PathRule, RunOptions
 from tapbox.profile import load_profile, parse_profile
 from tapbox.tomllines import key_lines, line_of
 
@@ -122,9 +122,13 @@ EXAMPLE = """\
 
     [filesystem]
     view = "host"
+    paths = ["write build", "read ~/.npmrc", "hide build/secret", "tmpfs /var/cache/x"]
 
     [environment]
     root = true
+    setenv = ["LANG=C.UTF-8", "EMPTY="]
+    unsetenv = "TERM"
+    clearenv = true
 
     [record]
     log = "logs/run.jsonl"
@@ -150,7 +154,12 @@ def test_every_key_of_the_documented_example(tmp_path: Path,
     assert (net.dns_upstream, net.ipv6, net.mtu, net.enabled) == (("192.0.2.53",), "off", 1500,
                                                                    True)
     assert options.filesystem.view == "host"
-    assert options.environment.root is True
+    assert options.filesystem.paths == (
+        PathRule("write", str(tmp_path / "build")), PathRule("read", "/home/someone/.npmrc"),
+        PathRule("hide", str(tmp_path / "build/secret")), PathRule("tmpfs", "/var/cache/x"))
+    env = options.environment
+    assert (env.root, env.setenv, env.unsetenv, env.clearenv) == \
+        (True, ("LANG=C.UTF-8", "EMPTY="), ("TERM",), True)
     record = options.record
     assert record.log == str(tmp_path / "logs/run.jsonl")
     assert record.pcap == "/home/someone/run.pcap"
@@ -228,7 +237,17 @@ def test_relative_paths_are_relative_to_the_profile_not_the_working_directory(
     ("[record]\nlog = 1979-05-27\n", 2, "record.log: expected a string, got a date"),
     ("[record]\nreport = 'loud'\n", 2, "record.report: expected one of 'auto', 'summary', "
                                       "'quiet', got a string ('loud')"),
-    ("[filesystem]\nview = 'project'\n", 2, "filesystem.view: expected one of 'host'"),
+    ("[filesystem]\nview = 'overlay'\n", 2, "filesystem.view: expected one of 'project', "
+                                           "'host', got a string ('overlay')"),
+    ("[filesystem]\npaths = ['wrte x']\n", 2, "filesystem.paths: 'wrte x': expected ACTION "
+                                            "PATH with ACTION one of write, read, hide, tmpfs"),
+    ("[filesystem]\npaths = ['hide']\n", 2, "filesystem.paths: 'hide': no path after 'hide'"),
+    ("[filesystem]\npaths = [1]\n", 2, "filesystem.paths: expected a list of paths"),
+    ("[environment]\nsetenv = ['NOVALUE']\n", 2, "environment.setenv 'NOVALUE': expected "
+                                                 "VAR=VALUE"),
+    ("[environment]\nsetenv = ['=x']\n", 2, "environment.setenv '=x': empty variable name"),
+    ("[environment]\nunsetenv = ['A=B']\n", 2, "environment.unsetenv 'A=B': a variable name "
+                                               "cannot contain '='"),
     # values out of range, and text that does not parse
     ("[network]\nmtu = 70000\n", 2, "network.mtu 70000: must be between 576 and 65520"),
     ("[record]\npcap_limit = 0\n", 2, "record.pcap_limit 0: must be a positive number"),

@@ -1,7 +1,9 @@
 """tapbox.isolate against the real kernel: namespaces, tap0, resolv.conf, exit codes, signals, tty.
 
 These tests run as root (CI) or as any user allowed to create user namespaces with /dev/net/tun
-usable. They spawn real sandboxes; commands write what they see into files under tmp_path.
+usable. They spawn real sandboxes (the default, project view); commands write what they see into
+files under tmp_path, which each test makes writable in the sandbox (`writable(tmp_path)`, the
+API's --write), since the sandbox's /tmp is its own.
 Tests of signal forwarding and of the terminal run a small tapbox-like parent script in a
 subprocess (or on a pty), since the forwarder changes the signal mask of its process.
 """
@@ -34,9 +36,15 @@ from tapbox.isolate import Sandbox, SandboxConfig, SetupError, diagnose, mounts
 from tapbox.isolate import plan as plan_mod
 from tapbox.isolate import tap as tap_mod
 from tapbox.isolate.signals import SI_KERNEL, should_forward
+from tapbox.options import FilesystemOptions, PathRule
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
+
+
+def writable(path: Path, action: str = "write") -> FilesystemOptions:
+    """The project view with `path` (a test's tmp_path) writable, as --write PATH does."""
+    return FilesystemOptions(paths=(PathRule(action, str(path)),))
 
 
 def run(argv: list[str], **config: Any) -> int:
@@ -93,14 +101,15 @@ def test_not_executable_is_126(tmp_path: Path, capfd: pytest.CaptureFixture[str]
     script = tmp_path / "script"
     script.write_text("#!/bin/sh\nexit 0\n")
     script.chmod(0o644)
-    assert run([str(script)], network=False) == 126
+    assert run([str(script)], network=False, filesystem=writable(tmp_path, "read")) == 126
     assert f"tapbox: {script}: Permission denied" in capfd.readouterr().err
 
 
 def test_path_search_and_arguments(tmp_path: Path) -> None:
     out = tmp_path / "out"
     argv = ["sh", "-c", f'printf "%s|" "$0" "$@" > {out}', "zero", "x y", "", "z"]
-    assert run(argv, network=False) == 0  # "sh" found on PATH, arguments passed verbatim
+    # "sh" found on PATH, arguments passed verbatim
+    assert run(argv, network=False, filesystem=writable(tmp_path)) == 0
     assert out.read_text() == "zero|x y||z|"
 
 
@@ -128,13 +137,15 @@ def test_empty_argv_is_a_setup_error() -> None:
 @pytest.mark.parametrize("network", [False, True])
 def test_uid_inside_is_the_callers(tmp_path: Path, network: bool) -> None:
     out = tmp_path / "ids"
-    assert sh(f"id -u > {out}; id -g >> {out}", network=network) == 0
+    assert sh(f"id -u > {out}; id -g >> {out}", network=network,
+              filesystem=writable(tmp_path)) == 0
     assert lines(out) == [str(os.getuid()), str(os.getgid())]
 
 
 def test_root_maps_to_zero(tmp_path: Path) -> None:
     out = tmp_path / "ids"
-    assert sh(f"id -u > {out}; id -g >> {out}", network=False, root=True) == 0
+    assert sh(f"id -u > {out}; id -g >> {out}", network=False, root=True,
+              filesystem=writable(tmp_path)) == 0
     assert lines(out) == ["0", "0"]
 
 
@@ -167,7 +178,7 @@ def test_tap0_layout(tmp_path: Path) -> None:
         f"cat /sys/class/net/tap0/mtu > {sysfs}; ls /sys/class/net >> {sysfs}; "
         f"cat /proc/net/route > {route}; {PY} {inspect} {out}"
     )
-    assert sh(script, mtu=9000) == 0
+    assert sh(script, mtu=9000, filesystem=writable(tmp_path)) == 0
     net = json.loads(out.read_text())
     assert set(net["links"]) == {"lo", "tap0"}
     assert net["links"]["lo"]["up"] and net["links"]["tap0"]["up"]
@@ -185,7 +196,7 @@ def test_tap0_layout(tmp_path: Path) -> None:
 
 def test_default_mtu_is_65520(tmp_path: Path) -> None:
     out = tmp_path / "mtu"
-    assert sh(f"cat /sys/class/net/tap0/mtu > {out}") == 0
+    assert sh(f"cat /sys/class/net/tap0/mtu > {out}", filesystem=writable(tmp_path)) == 0
     assert lines(out) == ["65520"]
 
 
@@ -198,7 +209,7 @@ def test_no_network_has_only_lo(tmp_path: Path) -> None:
         sh(
             f"ls /sys/class/net > {out}; cat /sys/class/net/lo/operstate /sys/class/net/lo/flags "
             f">> {out}; cat /etc/resolv.conf > {out}.resolv 2>/dev/null; true",
-            network=False,
+            network=False, filesystem=writable(tmp_path),
         )
         == 0
     )
@@ -212,7 +223,7 @@ def test_sysfs_submounts_are_kept(tmp_path: Path) -> None:
     """The fresh /sys carries over what was mounted below the old one (e.g. /sys/fs/cgroup)."""
     host = sorted(mounts.top_submounts("/sys"))
     out = tmp_path / "mounts"
-    assert sh(f"cat /proc/self/mountinfo > {out}") == 0
+    assert sh(f"cat /proc/self/mountinfo > {out}", filesystem=writable(tmp_path)) == 0
     inside = [ln.split()[4] for ln in out.read_text().splitlines()]
     for mount_point in host:
         assert mount_point in inside
@@ -234,10 +245,11 @@ def test_private_resolv_conf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     real = Path(os.path.realpath("/etc/resolv.conf"))
     before = real.read_bytes()
     out = tmp_path / "resolv"
-    assert sh(f"cat /etc/resolv.conf > {out}") == 0
+    assert sh(f"cat /etc/resolv.conf > {out}", filesystem=writable(tmp_path)) == 0
     assert out.read_text() == "nameserver 10.0.2.3\n"
     content = "nameserver 10.0.2.3\noptions ndots:1\n"
-    assert sh(f"cat /etc/resolv.conf > {out}", resolv_conf=content) == 0
+    assert sh(f"cat /etc/resolv.conf > {out}", resolv_conf=content,
+              filesystem=writable(tmp_path)) == 0
     assert out.read_text() == content
     assert real.read_bytes() == before  # the host's file is untouched
     assert not list(tmp_path.glob("tapbox-resolv-*"))  # temp file removed after the mount
@@ -305,7 +317,7 @@ def test_tap_fd_carries_the_sandboxs_frames() -> None:
 
 def test_tap_fd_and_control_socket_not_inherited(tmp_path: Path) -> None:
     out = tmp_path / "fds"
-    assert sh(f"ls -l /proc/$$/fd > {out}") == 0
+    assert sh(f"ls -l /proc/$$/fd > {out}", filesystem=writable(tmp_path)) == 0
     listing = out.read_text()
     assert "/dev/net/tun" not in listing
     assert "tun" not in listing
@@ -318,7 +330,8 @@ def test_tap_fd_and_control_socket_not_inherited(tmp_path: Path) -> None:
 @pytest.mark.parametrize("network", [False, True])
 def test_no_exec_when_control_socket_closes_before_start(tmp_path: Path, network: bool) -> None:
     marker = tmp_path / "ran"
-    sb = Sandbox.spawn(SandboxConfig(["touch", str(marker)], network=network))
+    sb = Sandbox.spawn(SandboxConfig(["touch", str(marker)], network=network,
+                                     filesystem=writable(tmp_path)))
     if sb.tap_fd is not None:
         os.close(sb.tap_fd)
     sb.close()  # as if tapbox gave up: EOF on the control socket
@@ -338,8 +351,11 @@ PARENT_DIES = textwrap.dedent(
     """
     import json, os, sys
     from tapbox.isolate import Sandbox, SandboxConfig
+    from tapbox.options import FilesystemOptions, PathRule
     argv, start = json.loads(sys.argv[1]), sys.argv[2] == "start"
-    sb = Sandbox.spawn(SandboxConfig(argv, network=True))
+    here = os.path.dirname(os.path.abspath(__file__))  # the test's tmp_path: writable inside
+    sb = Sandbox.spawn(SandboxConfig(argv, network=True, filesystem=FilesystemOptions(
+        paths=(PathRule("write", here),))))
     if start:
         sb.start()
     print(sb.pid, flush=True)
@@ -603,10 +619,13 @@ def test_should_forward_rules() -> None:
 
 FORWARDING_PARENT = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     from tapbox.isolate import Sandbox, SandboxConfig, SignalForwarder
+    from tapbox.options import FilesystemOptions, PathRule
     fwd = SignalForwarder()  # before any thread and before spawn, as the CLI does
-    sb = Sandbox.spawn(SandboxConfig(json.loads(sys.argv[1]), network=False))
+    here = os.path.dirname(os.path.abspath(__file__))  # the test's tmp_path: writable inside
+    writable = FilesystemOptions(paths=(PathRule("write", here),))
+    sb = Sandbox.spawn(SandboxConfig(json.loads(sys.argv[1]), network=False, filesystem=writable))
     fwd.start(sb.pid)
     sb.start()
     code = sb.wait_status()
@@ -682,7 +701,7 @@ def test_command_starts_with_default_signal_state(tmp_path: Path, forwarder: boo
         proc = subprocess.run([PY, str(parent), json.dumps(argv)], env=_env(), timeout=30)
         assert proc.returncode == 0
     else:
-        assert run(argv, network=False) == 0
+        assert run(argv, network=False, filesystem=writable(tmp_path)) == 0
     inside = out.read_text()
     ours = Path("/proc/self/status").read_text()
     assert _sig_mask(inside, "SigBlk") == 0

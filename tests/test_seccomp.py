@@ -16,6 +16,7 @@ import pytest
 from tapbox.errors import SetupError
 from tapbox.isolate import Sandbox, SandboxConfig
 from tapbox.isolate import seccomp as sc
+from tapbox.options import FilesystemOptions, PathRule
 
 
 def test_default_policy_reads_as_what_it_does() -> None:
@@ -78,10 +79,15 @@ def test_missing_library_message(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "apt install libseccomp2" in msg and "\n" not in msg
 
 
+def _writable(path: Path) -> FilesystemOptions:
+    """The sandbox's default view with the test's tmp_path writable (as --write PATH)."""
+    return FilesystemOptions(paths=(PathRule("write", str(path)),))
+
+
 def test_command_runs_with_no_new_privs_and_a_filter(tmp_path: Path) -> None:
     out = tmp_path / "status"
     sb = Sandbox.spawn(SandboxConfig(["sh", "-c", f"cat /proc/self/status > {out}"],
-                                     network=False))
+                                     network=False, filesystem=_writable(tmp_path)))
     sb.start()
     assert sb.wait_status() == 0
     sb.close()
@@ -107,7 +113,7 @@ def test_a_custom_policy_is_enforced(tmp_path: Path) -> None:
     os.dup2(w, 1)
     try:
         sb = Sandbox.spawn(SandboxConfig([sys.executable, "-c", probe], network=False,
-                                         syscalls=policy))
+                                         syscalls=policy, filesystem=_writable(tmp_path)))
     finally:
         os.dup2(saved, 1)
         os.close(saved)
@@ -167,7 +173,9 @@ def test_tapbox_runs_where_clone3_is_enosys(tmp_path: Path) -> None:
             sc.Rule("clone3", sc.Errno(errno.ENOSYS)),)))
         assert flt.load() == 0
         from tapbox.isolate import Sandbox, SandboxConfig
-        sb = Sandbox.spawn(SandboxConfig(["sh", "-c", "echo $$ > {out}"], network=False))
+        from tapbox.options import FilesystemOptions, PathRule
+        sb = Sandbox.spawn(SandboxConfig(["sh", "-c", "echo $$ > {out}"], network=False,
+            filesystem=FilesystemOptions(paths=(PathRule("write", {str(tmp_path)!r}),))))
         sb.start()
         assert sb.wait_status() == 0
     """)

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import REPO_ROOT, TESTS_DIR, tapbox_env
 
 INJECTOR = TESTS_DIR / "sandbox_tools" / "tty_inject.py"
@@ -94,9 +95,11 @@ def json_line(out: bytes, prefix: str = "") -> dict[str, Any]:
     raise AssertionError(f"no {prefix!r}JSON line in {out!r}")
 
 
-def test_tiocsti_and_tioclinux_are_refused_and_nothing_reaches_the_terminal() -> None:
-    tapbox = [sys.executable, "-m", "tapbox", "-n", "--", sys.executable, str(INJECTOR),
-              PAYLOAD + "\n"]
+@pytest.mark.parametrize("view", ["project", "host"])
+def test_tiocsti_and_tioclinux_are_refused_and_nothing_reaches_the_terminal(view: str) -> None:
+    """In every --fs view (the host view keeps the filter)."""
+    tapbox = [sys.executable, "-m", "tapbox", "-n", "--fs", view, "--", sys.executable,
+              str(INJECTOR), PAYLOAD + "\n"]
     status, out = on_pty([sys.executable, "-c", WRAPPER, json.dumps(tapbox)])
     assert status == 0, out
     inside = json_line(out)
@@ -179,7 +182,8 @@ def test_missing_libseccomp_stops_tapbox_before_the_command(tmp_path: Path) -> N
     (broken / "libseccomp.so.2").write_bytes(b"not a shared object\n")
     marker = tmp_path / "ran"
     proc = subprocess.run(
-        [sys.executable, "-m", "tapbox", "-n", "--", "touch", str(marker)],
+        [sys.executable, "-m", "tapbox", "-n", "--write", str(tmp_path), "--", "touch",
+         str(marker)],
         cwd=REPO_ROOT, env=tapbox_env({"LD_LIBRARY_PATH": str(broken)}),
         capture_output=True, text=True, timeout=60)
     assert proc.returncode == 125, proc

@@ -4,7 +4,9 @@ How this works: every API run with a network keeps an event log (docs/audit.md):
 `log=` file, or a private temporary one (`RunLog`), removed once its records are read back
 (tapbox.run, tapbox.call) or once the sandbox is gone (tapbox.enter's supervisor). The sandbox's
 environment names it (`command_env`: TAPBOX_LOG), so code inside can read its own records as
-they grow (tapbox.inside()); the file is read-only there, as every record file is.
+they grow (tapbox.inside()); the file is read-only there, as every record file is. The
+sandbox's view shows it on purpose (a `read` path rule: the private log's directory, or the
+caller's file), wherever it is: the project view's /tmp, for one, is the sandbox's own.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from tapbox.api.records import LOG_VARIABLE, Records, read_log
-from tapbox.options import RunOptions
+from tapbox.options import PathRule, RunOptions
 
 
 class RunLog:
@@ -31,6 +33,11 @@ class RunLog:
             path = os.path.join(self.directory, "events.jsonl")
             self.options = replace(options, record=replace(options.record, log=path))
         self.path = self.options.record.log
+        if self.path is not None:  # (the file exists once the run is prepared)
+            fs = self.options.filesystem
+            shown = PathRule("read", self.directory or os.path.abspath(self.path))
+            self.options = replace(self.options,
+                                   filesystem=replace(fs, paths=(*fs.paths, shown)))
 
     def records(self) -> Records:
         if self.path is None:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tapbox.errors import UsageError
-from tapbox.options import AllowRule, Layer, Origin, RunOptions
+from tapbox.options import AllowRule, Layer, Origin, PathRule, RunOptions
 
 USAGE = """tapbox [-F FILE]... [--allow RULE]... [options] -- CMD [ARGS...]
        tapbox log show FILE [--denied] [--domain NAME] [--flows]"""
@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tapbox", usage=USAGE, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run a command with only the network its allowlist admits.")
+        description="Run a command with only the network its allowlist admits, in a "
+                    "read-only view of your files (docs/isolation.md).")
     parser.add_argument("-F", "--file", dest="files", action="append", default=[],
                         metavar="FILE", help="allowlist file (may repeat; rules merge)")
     parser.add_argument("--allow", dest="rules", action="append", default=[], metavar="RULE",
@@ -55,7 +56,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-n", "--no-network", action="store_true",
                         help="no network at all: CMD gets only a loopback interface")
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="report every connection and DNS decision on stderr")
+                        help="report every connection and DNS decision, and the sandbox's "
+                             "mounts, on stderr")
+    files = parser.add_argument_group(
+        "files (docs/isolation.md; the path options may repeat and apply in order, later wins)")
+    files.add_argument("--fs", choices=("project", "host"),
+                       help="project (default): the host read-only, the working directory "
+                            "writable, $HOME copy-on-write (discarded), private /tmp, secrets "
+                            "hidden; host: the host's files as they are")
+    for flag, action, text in (
+            ("--write", "write", "make PATH writable in the sandbox (the real PATH)"),
+            ("--read", "read", "make PATH visible read-only (also shows a hidden secret)"),
+            ("--hide", "hide", "make PATH empty and inaccessible"),
+            ("--tmpfs", "tmpfs", "an empty, writable PATH, discarded at exit")):
+        files.add_argument(flag, dest="paths", action="append", metavar="PATH", help=text,
+                           type=lambda path, action=action: PathRule(action, path))
+    env = parser.add_argument_group("environment")
+    env.add_argument("--setenv", action="append", default=[], metavar="VAR=VALUE",
+                     help="set VAR in the command's environment")
+    env.add_argument("--unsetenv", action="append", default=[], metavar="VAR",
+                     help="remove VAR from the command's environment")
+    env.add_argument("--clearenv", action="store_true",
+                     help="start from an empty environment, keeping only PATH, HOME, TERM, "
+                          "LANG, LC_*, USER, SHELL and TZ")
     record = parser.add_argument_group("auditing (docs/audit.md)")
     record.add_argument("--log", metavar="FILE",
                         help="write every DNS query and flow to FILE, one JSON line each, with "
@@ -93,6 +116,11 @@ _FLAGS: list[tuple[str, str, str, Callable[[Any], Any]]] = [
     ("ipv6", "network.ipv6", "--ipv6", str),
     ("no_network", "network.enabled", "-n", lambda _: False),
     ("root", "environment.root", "--root", bool),
+    ("setenv", "environment.setenv", "--setenv", tuple),
+    ("unsetenv", "environment.unsetenv", "--unsetenv", tuple),
+    ("clearenv", "environment.clearenv", "--clearenv", bool),
+    ("fs", "filesystem.view", "--fs", str),
+    ("paths", "filesystem.paths", "--write/--read/--hide/--tmpfs", tuple),
     ("verbose", "record.verbose", "-v", bool),
     ("log", "record.log", "--log", str),
     ("audit", "record.audit", "--audit", bool),

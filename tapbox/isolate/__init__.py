@@ -4,6 +4,10 @@ How the package is laid out, in the order one sandbox comes to be:
 
 - config.py      SandboxConfig: what the caller asks for (command, network, uid, MTU...)
 - plan.py        the filesystem set-up as data: an ordered list of operations, printable
+- rootfs.py      the default (project) view's operations, from RunOptions.filesystem and the
+                 host: read-only root, writable working directory, copy-on-write home, secrets
+- environment.py the command's environment variables
+- discarded.py   counting what the command wrote to its copy-on-write home, at exit
 - spawn.py       the parent's Sandbox: fork, receive the TAP fd, start(), wait()
 - child.py       the forked child (enters the namespaces) and pid 1 (sets up, reports, locks
                  itself down, waits for the word)

@@ -18,16 +18,19 @@ How this works
 it the kernel kills every process of the namespace), names itself `tapbox-init`, then:
 
 4. opens tap0 and configures the links (tapbox.isolate.tap), executes the filesystem plan
-   (tapbox.isolate.plan / mounts: fresh sysfs, private resolv.conf, fresh /proc, read-only
-   record files) and re-enters its working directory through the new mounts;
+   (tapbox.isolate.plan / mounts: the view -- in the project view a new root and pivot_root
+   --, private resolv.conf, fresh /proc, read-only record files) and re-enters its working
+   directory through the new mounts;
 5. locks itself down, the last step of set-up: CAP_SYS_ADMIN leaves the bounding set and pid 1's
    own sets (the command, even as uid 0 with --root, can never again mount or unmount in the
    sandbox, so the read-only mounts stay; and pid 1 holds nothing the command could take from
    it by ptrace), pid 1 sets no_new_privs and loads the seccomp filter
    (tapbox.isolate.seccomp), both inherited by the command. With no_new_privs, a uid-0 command
    keeps at exec exactly the capabilities pid 1 has: all but CAP_SYS_ADMIN;
-6. sends b"R" and the TAP fd (SCM_RIGHTS) over a SOCK_SEQPACKET socketpair, closes its copy, and
-   blocks until tapbox sends b"G" (`Sandbox.start()`). EOF instead (tapbox died or gave up)
+6. sends b"R", a byte saying which descriptors follow, and those descriptors (SCM_RIGHTS): the
+   TAP fd, and the home directory's throwaway layer (which tapbox counts at exit), over a
+   SOCK_SEQPACKET socketpair; closes its copies, and blocks until tapbox sends b"G"
+   (`Sandbox.start()`). EOF instead (tapbox died or gave up)
    means _exit(125): fail closed, the command never runs without the firewall;
 7. becomes the reaper (tapbox.isolate.reaper): forks the command (pid 2), which execs; reaps
    every orphan; forwards signals; exits with the command's status.
@@ -39,7 +42,7 @@ Such a process keeps its memory, so its inherited descriptors are not closed in 
 replaced by /dev/null (a Python object still holding one must not write into whatever file
 later gets its number); either way no descriptor opened close-on-exec outside -- a socket to
 the host, another run's TAP device or log -- is usable inside. Descriptors in `pass_fds` are
-kept in both modes, as subprocess keeps them.
+kept in both modes, as subprocess keeps them; `stdio` are put on 0, 1 and 2 first.
 
 A failure before "R" is sent to tapbox as b"E" + one line, which spawn() raises as SetupError
 (exit 125). PR_SET_PDEATHSIG fires when the *thread* that forked exits, so spawn() must be called
@@ -72,7 +75,9 @@ from tapbox.isolate.tap import configure_links, open_tap
 
 # Control messages on the socketpair.
 MSG_PID = b"P"  # first child -> tapbox: pid 1's pid (struct "i"), as tapbox sees it
-MSG_READY = b"R"  # pid 1 -> tapbox, with the TAP fd as SCM_RIGHTS when network=True
+MSG_READY = b"R"  # pid 1 -> tapbox, + a byte of READY_* flags, with those fds as SCM_RIGHTS
+READY_TAP = 1  # the TAP fd (network=True)
+READY_LAYER = 2  # a descriptor of the home directory's throwaway layer (after the TAP fd)
 MSG_ERROR = b"E"  # either -> tapbox, followed by one utf-8 line
 MSG_GO = b"G"  # tapbox -> pid 1: start the command now
 PID_FORMAT = struct.Struct("i")
@@ -83,6 +88,7 @@ INIT_NAME = "tapbox-init"  # pid 1's name, as `ps` shows it
 def child_main(
     config: SandboxConfig,
     plan: Plan,
+    env: dict[str, str],
     sock: socket.socket,
     parent_pid: int,
     uid: int,
@@ -102,7 +108,7 @@ def child_main(
         enter_namespaces(libc, host, uid, gid, config.root)
         pid = libc.clone_parent(_legacy_clone_nr)
         if pid == 0:
-            init_main(config, plan, sock, libc, host, mask)
+            init_main(config, plan, env, sock, libc, host, mask)
             return  # pid 2 in Python mode: the caller's program goes on
         if pid < 0:
             raise SetupError(eperm_failure(
@@ -117,30 +123,35 @@ def child_main(
 
 
 def init_main(
-    config: SandboxConfig, plan: Plan, sock: socket.socket, libc: Libc, host: Host,
-    mask: set[signal.Signals] | None = None,
+    config: SandboxConfig, plan: Plan, env: dict[str, str], sock: socket.socket, libc: Libc,
+    host: Host, mask: set[signal.Signals] | None = None,
 ) -> None:
     """Pid 1 of the sandbox: set up, wait for the word, then reap (never returns, except in pid
     2 in Python mode). `mask`: the signal mask the program had, for pid 2 in Python mode."""
     try:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # tapbox is our parent (CLONE_PARENT)
         libc.set_name(INIT_NAME)
-        tap_fd = _set_up(libc, config, plan, host)
+        # Imported while the host's tree is still the root: the view may not show tapbox.
+        from tapbox.isolate import reaper, seccomp  # noqa: F401
+
+        fds = _set_up(libc, config, plan, host)
         try:
             _lock_down(libc, config)
-            if tap_fd is None:
-                sock.send(MSG_READY)
+            flags = (READY_TAP if fds[0] is not None else 0) | \
+                (READY_LAYER if fds[1] is not None else 0)
+            passed = [fd for fd in fds if fd is not None]
+            if passed:
+                socket.send_fds(sock, [MSG_READY + bytes([flags])], passed)
             else:
-                socket.send_fds(sock, [MSG_READY], [tap_fd])
+                sock.send(MSG_READY + bytes([flags]))
         finally:
-            if tap_fd is not None:
-                os.close(tap_fd)  # tapbox owns it now; nothing in the sandbox may hold it
+            for fd in fds:  # tapbox owns them now; nothing in the sandbox may hold them
+                if fd is not None:
+                    os.close(fd)
         if sock.recv(16) != MSG_GO:  # EOF: tapbox died or gave up -> never run the command
             os._exit(EXIT_TAPBOX_FAILED)
         sock.close()
-        from tapbox.isolate import reaper
-
-        reaper.run(config, libc, mask or set())
+        reaper.run(config.argv, env, libc, mask)
         return  # pid 2 in Python mode
     except SetupError as e:
         _report(sock, str(e))
@@ -149,12 +160,14 @@ def init_main(
     os._exit(EXIT_TAPBOX_FAILED)
 
 
-def _set_up(libc: Libc, config: SandboxConfig, plan: Plan, host: Host) -> int | None:
-    """Links and mounts, inside the namespaces. Returns the TAP fd (None with network=False)."""
+def _set_up(libc: Libc, config: SandboxConfig, plan: Plan,
+            host: Host) -> tuple[int | None, int | None]:
+    """Links and mounts, inside the namespaces. Returns the TAP fd (None with network=False)
+    and the home layer's (None without one)."""
     tap_fd = open_tap(host, config.vnet_hdr) if config.network else None
     try:
         configure_links(host, config.network, config.mtu, config.ipv6)
-        mounts.apply(plan, libc, host)
+        applied = mounts.apply(plan, libc, host)
         if config.cwd is not None:
             try:
                 os.chdir(config.cwd)
@@ -168,7 +181,7 @@ def _set_up(libc: Libc, config: SandboxConfig, plan: Plan, host: Host) -> int | 
         if tap_fd is not None:
             os.close(tap_fd)
         raise
-    return tap_fd
+    return tap_fd, applied.layer_fd
 
 
 def _lock_down(libc: Libc, config: SandboxConfig) -> None:

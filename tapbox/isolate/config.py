@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tapbox.layout import DEFAULT_MTU, DNS_ADDRESS
+from tapbox.options import FilesystemOptions
 
 if TYPE_CHECKING:  # the filter is built in the child: the parent need not import seccomp
     from tapbox.isolate.seccomp import Policy
@@ -31,9 +32,17 @@ class SandboxConfig:
     # Files the sandbox must not write (tapbox's own records: --log, --pcap, --learn): read-only
     # inside, and their directories cannot be renamed (isolate.plan).
     read_only_files: tuple[str, ...] = ()
+    # What the command sees of the host's files (the view and the --write/--read/--hide/--tmpfs
+    # paths): tapbox.isolate.plan and rootfs. The default is the project view.
+    filesystem: FilesystemOptions = field(default_factory=FilesystemOptions)
+    # The command's environment: tapbox's own, changed as tapbox.isolate.environment says.
+    setenv: tuple[str, ...] = ()  # "VAR=VALUE"
+    unsetenv: tuple[str, ...] = ()
+    clearenv: bool = False
     # The command's process, as subprocess.Popen sets it up: descriptors dup'ed onto its stdin,
     # stdout and stderr (None: tapbox's own), descriptors it keeps besides those (`pass_fds`),
-    # its working directory and environment (None: tapbox's own; TAPBOX=1 is added).
+    # its working directory (None: tapbox's; the project view makes it the writable one) and
+    # the environment the above changes start from (None: tapbox's own).
     stdio: tuple[int | None, int | None, int | None] = (None, None, None)
     pass_fds: tuple[int, ...] = ()
     cwd: str | None = None

@@ -108,6 +108,28 @@ def eperm_failure(step: str, host: Host) -> str:
     return f"tapbox: {step}: a security module or seccomp profile may forbid it; try tapbox -n"
 
 
+def mount_failure(step: str, err: int, host: Host, fix: str | None = None,
+                  own_view: bool = True) -> str:
+    """A mount (or another step of building the sandbox's filesystem) failed with `err`;
+    `own_view`: the sandbox was building a view of its own (--fs host mounts less)."""
+    reason = f": {os.strerror(err)}" if err else ""
+    hint = apparmor_hint(host)
+    if hint is not None:
+        return f"tapbox: {step}{reason}: {hint}"
+    if fix is not None:
+        return f"tapbox: {step}{reason}: {fix}"
+    if not own_view:
+        return eperm_failure(f"{step}{reason}", host)
+    if err == errno.ENOSYS:
+        return (f"tapbox: {step}{reason}: the sandbox's view needs Linux 5.12 or later "
+                "(mount_setattr): upgrade, or run with --fs host")
+    if err in (errno.EPERM, errno.EACCES):
+        return (f"tapbox: {step}{reason}: mounting is forbidden here (a container without "
+                "mount rights, a security module or a seccomp profile?): run tapbox on the "
+                "host, or with --fs host")
+    return f"tapbox: {step}{reason}: run with --fs host to use the host's files as they are"
+
+
 def tun_permission_failure(device: str) -> str:
     """Opening the TUN device was refused: its mode, or something above it (cgroup, LSM)."""
     try:

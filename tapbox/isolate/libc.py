@@ -1,12 +1,14 @@
 """The few system calls the sandbox needs that Python's `os` lacks, through ctypes.
 
 How this works: one `Libc` object wraps libc's `unshare`, `mount`, `umount2`, `prctl` and
-`syscall` (for `open_tree`, `move_mount`, `clone3` and `capset`, which have no libc wrapper).
+`syscall` (for `open_tree`, `move_mount`, `mount_setattr`, `clone3`, `pivot_root` and
+`capset`, which have no libc wrapper).
 Every method returns 0 or an errno (`open_tree`: an fd or -errno; `clone_parent`: a pid, 0 in
 the new process, or -errno) instead of raising, so each caller words its own one-line failure.
 The constants are the kernel's (<sched.h>, <sys/mount.h>, <linux/prctl.h>, <linux/mount.h>,
 <linux/capability.h>). The new-style syscalls (open_tree, move_mount, clone3) have the same
-number on every architecture; the old ones a caller needs (clone, capset) are numbered by
+number on every architecture; the old ones a caller needs (clone, capset, pivot_root) are
+numbered by
 libseccomp (tapbox.isolate.seccomp), never by a table here.
 """
 
@@ -33,6 +35,7 @@ MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
+MS_MOVE = 0x2000
 MS_NOATIME = 0x400
 MS_NODIRATIME = 0x800
 MS_BIND = 0x1000
@@ -60,6 +63,15 @@ AT_RECURSIVE = 0x8000
 AT_FDCWD = -100
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 SYS_CLONE3 = 435
+SYS_MOUNT_SETATTR = 442
+MOUNT_ATTR_RDONLY = 0x1
+
+
+class _MountAttr(ctypes.Structure):
+    """struct mount_attr, first version (32 bytes)."""
+
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "attr_set", "attr_clr", "propagation", "userns_fd")]
 
 
 class _CloneArgs(ctypes.Structure):
@@ -91,7 +103,7 @@ class Libc:
             ctypes.c_char_p,
             ctypes.c_char_p,
             ctypes.c_ulong,
-            ctypes.c_void_p,
+            ctypes.c_char_p,
         ]
         self._umount2 = lib.umount2
         self._umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
@@ -110,11 +122,27 @@ class Libc:
     def unshare(self, flags: int) -> int:
         return self._result(self._unshare(flags))
 
-    def mount(self, source: str | None, target: str, fstype: str | None, flags: int) -> int:
+    def mount(self, source: str | None, target: str, fstype: str | None, flags: int,
+              data: str | None = None) -> int:
         def b(s: str | None) -> bytes | None:
             return None if s is None else os.fsencode(s)
 
-        return self._result(self._mount(b(source), b(target), b(fstype), flags, None))
+        return self._result(self._mount(b(source), b(target), b(fstype), flags, b(data)))
+
+    def make_read_only(self, path: str) -> int:
+        """Make the mount at `path` and every mount below it read-only (mount_setattr(2) with
+        AT_RECURSIVE, Linux >= 5.12). Setting the flag is allowed on mounts a user namespace
+        inherited; only clearing it is not."""
+        attr = _MountAttr(attr_set=MOUNT_ATTR_RDONLY)
+        rc = self._syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD),
+                           ctypes.c_char_p(os.fsencode(path)), ctypes.c_uint(AT_RECURSIVE),
+                           ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+        return self._result(rc)
+
+    def pivot_root(self, new_root: str, put_old: str, pivot_root_nr: int) -> int:
+        rc = self._syscall(ctypes.c_long(pivot_root_nr), ctypes.c_char_p(os.fsencode(new_root)),
+                           ctypes.c_char_p(os.fsencode(put_old)))
+        return self._result(rc)
 
     def umount2(self, target: str, flags: int) -> int:
         return self._result(self._umount2(os.fsencode(target), flags))

@@ -23,14 +23,15 @@ the command before it runs, as it would have stopped it a moment later.
 
 The command's side of the fork: default dispositions for every caught signal and for SIGPIPE and
 SIGXFSZ (which Python ignores), an inherited ignore kept (as subprocess does), an empty mask, then
-execvp(argv) with TAPBOX=1 added to the environment. On failure: "tapbox: CMD: strerror" and
+execvp(argv) with the environment tapbox made for it (tapbox.isolate.environment: TAPBOX=1
+among others). On failure: "tapbox: CMD: strerror" and
 exit 127 (not found) or 126 (anything else), as env(1). no_new_privs and the seccomp filter were
 set on pid 1 already and carry over.
 
 Python mode (no argv: tapbox.call, tapbox.enter): pid 2 keeps the Python program's signal
-handlers (they are its own, not tapbox's), gets back the signal mask the program had, sees
-TAPBOX=1 (and the environment asked for) in os.environ, and returns from run(): the program goes
-on inside the sandbox.
+handlers (they are its own, not tapbox's), gets back the signal mask the program had, finds the
+environment made for it in os.environ, and returns from run(): the program goes on inside the
+sandbox.
 """
 
 from __future__ import annotations
@@ -39,23 +40,20 @@ import contextlib
 import errno
 import os
 import signal
-from collections.abc import Mapping
 from typing import NoReturn
 
 from tapbox.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_TAPBOX_FAILED
-from tapbox.isolate.config import SandboxConfig
 from tapbox.isolate.libc import Libc
 from tapbox.isolate.signals import FORWARDED_SIGNALS, should_forward
 
 WAITED = FORWARDED_SIGNALS | {signal.SIGCHLD}
-# Set in the command's environment, so that a shell prompt or a script can tell it is sandboxed.
-SANDBOX_ENVIRONMENT = {"TAPBOX": "1"}
 
 
-def run(config: SandboxConfig, libc: Libc, mask: set[signal.Signals]) -> None:
+def run(argv: list[str] | None, env: dict[str, str], libc: Libc,
+        mask: set[signal.Signals] | None = None) -> None:
     """Fork and exec the command, then serve as pid 1 until it exits (every signal blocked).
-    Never returns, except in pid 2 in Python mode (config.argv None); `mask` is the signal
-    mask that process gets back."""
+    Never returns, except in pid 2 in Python mode (argv None); `mask` is the signal mask that
+    process gets back."""
     early = _take_pending()
     try:
         command = os.fork()
@@ -65,11 +63,11 @@ def run(config: SandboxConfig, libc: Libc, mask: set[signal.Signals]) -> None:
                                     "processes? see ulimit -u)\n"))
         os._exit(EXIT_TAPBOX_FAILED)
     if command == 0:  # pragma: no cover - the command's side: leaves through exec or _exit
-        if config.argv is None:
-            _continue(config.env, mask)
+        if argv is None:
+            _continue(env, mask or set())
             return
         _restore_signals(libc)
-        _exec(config.argv, config.env)
+        _exec(argv, env)
     for signo in early:
         _send(command, signo)
     while True:
@@ -118,18 +116,16 @@ def _send(command: int, signo: int) -> None:
         os.kill(command, signo)
 
 
-def _continue(env: Mapping[str, str] | None, mask: set[signal.Signals]) -> None:
-    if env is not None:
+def _continue(env: dict[str, str], mask: set[signal.Signals]) -> None:
+    if dict(os.environ) != env:
         os.environ.clear()
         os.environ.update(env)
-    os.environ.update(SANDBOX_ENVIRONMENT)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
-def _exec(argv: list[str], env: Mapping[str, str] | None) -> NoReturn:
+def _exec(argv: list[str], env: dict[str, str]) -> NoReturn:
     try:
-        os.execvpe(argv[0], argv, {**(os.environ if env is None else env),
-                                   **SANDBOX_ENVIRONMENT})
+        os.execvpe(argv[0], argv, env)
     except OSError as e:
         code = EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE
         reason = e.strerror or str(e)

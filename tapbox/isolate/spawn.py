@@ -1,11 +1,14 @@
 """The parent's side of a sandbox: fork, get pid 1 and the TAP fd, let it start, wait for it.
 
-How this works: `Sandbox.spawn()` writes the private resolv.conf, builds the filesystem plan
-(tapbox.isolate.plan) and forks once, before trio or any thread starts. The child
+How this works: `Sandbox.spawn()` writes the private files the sandbox binds in (its resolv.conf,
+an empty file to hide files with), builds the filesystem plan (tapbox.isolate.plan) and the
+command's environment (tapbox.isolate.environment), and forks once, before trio or any thread
+starts. The child
 (tapbox.isolate.child) enters the namespaces and creates pid 1 of the sandbox as tapbox's own
 child (clone with CLONE_PARENT); it sends pid 1's pid (b"P") and exits, and spawn() reaps it and
 from then on the sandbox *is* pid 1. Pid 1 sets itself up and answers on the SOCK_SEQPACKET
-socketpair: b"R" with the TAP fd (SCM_RIGHTS), or b"E" and one line, raised here as SetupError.
+socketpair: b"R" with the TAP fd and the home layer's (SCM_RIGHTS), or b"E" and one line, raised
+here as SetupError.
 It then waits for `start()` (b"G") to start the command; closing the socket instead makes it exit
 125 without running anything. Pid 1 is tracked through a pidfd (no pid reuse) and waited for
 either blocking (`wait_status()`) or from trio (`await wait()`, the pidfd becomes readable at
@@ -35,8 +38,18 @@ from typing import NoReturn
 
 from tapbox.errors import SetupError
 from tapbox.isolate import plan as plan_mod
-from tapbox.isolate.child import MSG_ERROR, MSG_GO, MSG_PID, MSG_READY, PID_FORMAT, child_main
+from tapbox.isolate.child import (
+    MSG_ERROR,
+    MSG_GO,
+    MSG_PID,
+    MSG_READY,
+    PID_FORMAT,
+    READY_LAYER,
+    READY_TAP,
+    child_main,
+)
 from tapbox.isolate.config import SandboxConfig
+from tapbox.isolate.environment import command_environment
 
 # How long spawn() waits for the child to report set-up done (pyroute2's import alone is ~0.2 s).
 SETUP_TIMEOUT = 60.0
@@ -51,6 +64,9 @@ class Sandbox:
     pid: int
     tap_fd: int | None
     plan: plan_mod.Plan | None = None  # the filesystem set-up pid 1 executed
+    # A descriptor of the home directory's throwaway layer (the project view), for counting
+    # what the sandbox wrote there (tapbox.isolate.discarded); closed by close().
+    layer_fd: int | None = None
 
     def __init__(self, pid: int, sock: socket.socket, pidfd: int | None) -> None:
         self.pid = pid
@@ -84,10 +100,22 @@ class Sandbox:
         """spawn(), and with `config.argv` None (Python mode) it returns twice, as os.fork():
         here with the Sandbox, and None in pid 2 of the sandbox once start() lets it go on."""
         uid, gid = os.getuid(), os.getgid()
-        resolv_path = _write_resolv_conf(config.resolv_conf) if config.network else None
-        parent = os.getpid()
+        private: list[str] = []  # the files the child binds in: removed once it has
+        parent_pid = os.getpid()
         try:
-            plan = plan_mod.build(config, resolv_path)
+            resolv_path = None
+            if config.network:
+                resolv_path = _private_file(config.resolv_conf, 0o644, "resolv", private)
+            empty_file = ""  # for --hide FILE in the host view
+            fs = config.filesystem
+            if fs.view == "host" and any(rule.action == "hide" for rule in fs.paths):
+                empty_file = _private_file("", 0, "hidden", private)
+            plan = plan_mod.build(config, resolv_path, empty_file)
+            env = command_environment(
+                os.environ if config.env is None else config.env,
+                project=config.filesystem.view == "project",
+                runtime_dir=plan.runtime_dir, clearenv=config.clearenv,
+                unsetenv=config.unsetenv, setenv=config.setenv)
             parent_sock, child_sock = socket.socketpair(
                 socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
             )
@@ -99,7 +127,7 @@ class Sandbox:
                 raise SetupError(f"tapbox: cannot fork the sandbox process: {e.strerror}") from e
             if pid == 0:  # pragma: no cover - the child leaves through os._exit or exec
                 parent_sock.close()
-                child_main(config, plan, child_sock, parent, uid, gid)
+                child_main(config, plan, env, child_sock, parent_pid, uid, gid)
                 return None  # pid 2 in Python mode
             child_sock.close()
             # Our unreaped child: its pid cannot be reused before we wait for it.
@@ -112,7 +140,7 @@ class Sandbox:
             try:
                 if meanwhile is not None:
                     meanwhile()
-                sandbox.tap_fd = sandbox._receive_ready(config.network)
+                sandbox._receive_ready(config.network)
             except BaseException:
                 sandbox.kill()
                 sandbox.wait_status()
@@ -120,37 +148,42 @@ class Sandbox:
                 raise
             return sandbox
         finally:
-            # The child has bind-mounted it (the mount keeps the inode) or failed: either way the
-            # name is no longer needed (by the parent: pid 2 in Python mode leaves it alone).
-            if resolv_path is not None and os.getpid() == parent:
+            # The child has bind-mounted them (the mount keeps the inode) or failed: either way
+            # the names are no longer needed (by the parent: pid 2 in Python mode leaves them).
+            for path in private if os.getpid() == parent_pid else ():
                 with contextlib.suppress(OSError):
-                    os.unlink(resolv_path)
+                    os.unlink(path)
 
-    def _receive_ready(self, network: bool) -> int | None:
-        """Wait for pid 1's pid (b"P") and its readiness (b"R", with the TAP fd)."""
+    def _receive_ready(self, network: bool) -> None:
+        """Wait for pid 1's pid (b"P") and its readiness (b"R", with the TAP fd and the home
+        layer's); keep those in tap_fd and layer_fd."""
         assert self._sock is not None
-        tap_fds: list[int] | None = None
-        while tap_fds is None or self._setup_pid is not None:
+        ready: tuple[int, list[int]] | None = None
+        while ready is None or self._setup_pid is not None:
             msg, fds = self._receive()
             if msg.startswith(MSG_PID) and len(msg) == 1 + PID_FORMAT.size and not fds:
                 self._adopt(PID_FORMAT.unpack_from(msg, 1)[0])
-            elif msg.startswith(MSG_READY) and tap_fds is None:
-                tap_fds = fds
+            elif msg.startswith(MSG_READY) and len(msg) == 2 and ready is None:
+                ready = msg[1], fds
             else:
                 for fd in fds:
                     os.close(fd)
                 self._fail(msg)
         self._sock.settimeout(None)
-        if not network:
-            for fd in tap_fds:
-                os.close(fd)
-            return None
-        if len(tap_fds) != 1:
-            for fd in tap_fds:
+        flags, fds = ready
+        expected = [flag for flag in (READY_TAP, READY_LAYER) if flags & flag]
+        if len(fds) != len(expected) or (network and READY_TAP not in expected):
+            for fd in fds:
                 os.close(fd)
             raise SetupError("tapbox: internal error: the TAP fd did not arrive from the sandbox")
-        os.set_blocking(tap_fds[0], False)
-        return tap_fds[0]
+        for flag, fd in zip(expected, fds, strict=True):
+            if flag == READY_TAP and network:
+                os.set_blocking(fd, False)
+                self.tap_fd = fd
+            elif flag == READY_LAYER:
+                self.layer_fd = fd
+            else:
+                os.close(fd)
 
     def _receive(self) -> tuple[bytes, list[int]]:
         assert self._sock is not None
@@ -271,6 +304,9 @@ class Sandbox:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self.layer_fd is not None:
+            os.close(self.layer_fd)
+            self.layer_fd = None
         if not self._trio_waiting:
             self._close_pidfd()
 
@@ -303,29 +339,29 @@ def _recv_with_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
     return msg, fds
 
 
-def _write_resolv_conf(content: str) -> str:
-    """Write the sandbox's resolv.conf (0644) where the child (same kernel uid) can reach it."""
-    import tempfile  # only with network: keeps `tapbox -n` start-up lean
-
-    candidates = [os.environ.get("XDG_RUNTIME_DIR", ""), tempfile.gettempdir(), "/tmp"]
+def _private_file(content: str, mode: int, name: str, made: list[str]) -> str:
+    """Write a file of the sandbox's own (its resolv.conf, mode 0644; the empty file hidden
+    files are replaced with, mode 0000) where the child (same kernel uid) can bind it from,
+    and add its path to `made`. (Not the tempfile module: its import costs start-up time.)"""
+    candidates = [os.environ.get("XDG_RUNTIME_DIR", ""), os.environ.get("TMPDIR", ""), "/tmp"]
     last: OSError | None = None
     for directory in candidates:
         if not directory or not os.access(directory, os.W_OK | os.X_OK):
             continue
+        path = os.path.join(directory, f"tapbox-{name}-{os.urandom(6).hex()}")
         try:
-            fd, path = tempfile.mkstemp(prefix="tapbox-resolv-", suffix=".conf", dir=directory)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
         except OSError as e:
             last = e
             continue
+        made.append(path)
         with open(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o644)
+            os.fchmod(f.fileno(), mode)
             f.write(content)
         return path
     reason = f": {last.strerror}" if last is not None else ""
     raise SetupError(
-        f"tapbox: cannot write a temporary resolv.conf in $XDG_RUNTIME_DIR or /tmp{reason}: "
+        f"tapbox: cannot write a temporary file in $XDG_RUNTIME_DIR or /tmp{reason}: "
         "make /tmp writable or set TMPDIR to a writable directory"
     )
-
-
-# --------------------------------------------------------------------------------------------
