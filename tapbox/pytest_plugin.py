@@ -167,7 +167,7 @@ def _run_sandboxed(item: pytest.Item, runtest: Callable[[], None], marker: pytes
     problem = _loop_outside(item)
     if problem:
         pytest.fail(problem, pytrace=False)
-    options = dict(marker.kwargs)
+    options = _show_temporary_directories(item, dict(marker.kwargs))
     check = options.pop("check", True)
     options.setdefault("report", "quiet")  # the failure and the final report say it
     log = _log_path(item) if options.get("network", True) is not False else None
@@ -197,6 +197,29 @@ def _run_sandboxed(item: pytest.Item, runtest: Callable[[], None], marker: pytes
     if error is not None:
         raise error.with_traceback(None)
     _replay(outcome)
+
+
+def _show_temporary_directories(item: pytest.Item, options: dict[str, Any]) -> dict[str, Any]:
+    """The marker's options, plus what pytest prepared for the test, shown to its sandbox on
+    purpose (the default view's /tmp is the sandbox's own): the test's `tmp_path`/`tmpdir`
+    writable, the session's temporary directory (tmp_path_factory: what its fixtures made)
+    read-only. They come before the marker's own paths of the same kind, so the marker's win."""
+    funcargs = getattr(item, "funcargs", {})
+    shown: dict[str, list[str]] = {"read": [], "write": []}
+    factory = funcargs.get("tmp_path_factory")
+    if factory is not None:
+        shown["read"].append(os.fspath(factory.getbasetemp()))
+    for name in ("tmp_path", "tmpdir"):
+        if funcargs.get(name) is not None:
+            shown["write"].append(os.fspath(funcargs[name]))
+    merged = {action: paths for action, paths in shown.items()
+              if paths and action not in options}
+    for keyword, value in options.items():
+        if shown.get(keyword):
+            given = [value] if isinstance(value, str | os.PathLike) else list(value or ())
+            value = [*shown[keyword], *given]
+        merged[keyword] = value
+    return merged
 
 
 def _loop_outside(item: pytest.Item) -> str | None:

@@ -4,17 +4,21 @@ and in fresh interpreters, against the fake internet."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import os
 import pickle
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +170,13 @@ def test_bad_options_are_usage_errors_before_anything_runs(tmp_path: Path) -> No
         ({"network": False, "log": str(tmp_path / "x")}, tapbox.UsageError,
          "log= needs the network"),
         ({"ipv6": "sometimes"}, tapbox.UsageError, "ipv6=: expected one of"),
-        ({"write": [str(tmp_path)]}, tapbox.UsageError, "write=: not supported by this tapbox"),
+        ({"write": [""]}, tapbox.UsageError, "write=: empty path"),
+        ({"hide": [3]}, tapbox.UsageError, "hide=: expected paths, got int"),
+        ({"fs": "everything"}, tapbox.UsageError, "fs=: expected one of 'project', 'host'"),
+        ({"setenv": {"A": 1}}, tapbox.UsageError, "setenv=: expected strings"),
+        ({"setenv": ["NOEQUALS"]}, tapbox.UsageError, "setenv= 'NOEQUALS': expected VAR=VALUE"),
+        ({"unsetenv": "A=B"}, tapbox.UsageError, "unsetenv= 'A=B': a variable name cannot"),
+        ({"write": [str(tmp_path / "missing")]}, tapbox.SetupError, "give a path that exists"),
         ({"allowlists": [str(tmp_path / "missing.txt")]}, tapbox.AllowlistError, "missing.txt"),
         ({"profile": str(tmp_path / "missing.toml")}, tapbox.ProfileError, "missing.toml"),
         ({"cwd": str(tmp_path / "nowhere")}, tapbox.UsageError, "not a directory"),
@@ -211,6 +221,125 @@ class _RemoveOnCopy(dict[str, str]):
     def items(self) -> Any:
         self.action()
         return super().items()
+
+
+# ------------------------------------------------------------------------------------------------
+# What the sandbox sees: main's filesystem view and environment, from the API's keywords
+
+WRITE_PROBE = """
+import errno, os, sys
+for directory in sys.argv[1:]:
+    try:
+        with open(os.path.join(directory, "new"), "w") as f:
+            f.write("x")
+        print("written")
+    except OSError as e:
+        print(errno.errorcode[e.errno])
+"""
+
+
+@pytest.fixture
+def outside() -> Iterator[Path]:
+    """A directory outside the working directory that the project view shows (read-only):
+    pytest's tmp_path is under /tmp, which the view replaces with the sandbox's own."""
+    path = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="tapbox-api-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_run_writes_in_its_working_directory_only_unless_write(tmp_path: Path,
+                                                               outside: Path) -> None:
+    work, sibling = tmp_path / "work", tmp_path / "sibling"
+    work.mkdir()
+    sibling.mkdir()
+
+    def attempt(**options: Any) -> list[str]:
+        result = tapbox.run([PY, "-c", WRITE_PROBE, ".", str(outside), str(sibling)], cwd=work,
+                            capture_output=True, text=True, network=False, **options)
+        assert result.returncode == 0, result.stderr
+        written = [(d / "new").exists() for d in (work, outside, sibling)]
+        for d in (work, outside, sibling):
+            (d / "new").unlink(missing_ok=True)
+        assert written == [line == "written" for line in result.stdout.split()]
+        return result.stdout.split()
+
+    # the default (fs="project"): cwd= is the writable directory; the host is read-only, and
+    # the host's /tmp is not the sandbox's
+    assert attempt() == ["written", "EROFS", "ENOENT"]
+    assert attempt(write=[outside, str(sibling)]) == ["written"] * 3
+    assert attempt(write="../sibling") == ["written", "EROFS", "written"]  # from cwd=
+    assert attempt(fs="host") == ["written"] * 3
+
+
+def test_call_writes_in_its_working_directory_only_unless_write(tmp_path: Path,
+                                                                outside: Path) -> None:
+    def write(path: str) -> str:
+        Path(path).write_text("from inside")
+        return "written"
+
+    with pytest.raises(OSError) as caught:
+        tapbox.call(write, str(outside / "f"), network=False)
+    assert caught.value.errno == errno.EROFS and not (outside / "f").exists()
+    assert tapbox.call(write, str(outside / "f"), network=False, write=[outside]) == "written"
+    assert (outside / "f").read_text() == "from inside"
+    assert tapbox.call(write, str(tmp_path / "g"), network=False, cwd=tmp_path) == "written"
+    assert (tmp_path / "g").read_text() == "from inside"
+
+
+def test_read_hide_tmpfs_and_the_copy_on_write_home(tmp_path: Path,
+                                                    capfd: pytest.CaptureFixture[str]) -> None:
+    work, home = tmp_path / "work", tmp_path / "home"
+    for d in (work / "docs", work / "cache", home):
+        d.mkdir(parents=True)
+    (work / "token").write_text("SECRET")
+    (work / "cache" / "old").write_text("old")
+    (home / ".bashrc").write_text("# the original\n")
+    script = """
+import errno, os
+def attempt(what, *args):
+    try:
+        return repr(what(*args))
+    except OSError as e:
+        return errno.errorcode[e.errno]
+print(attempt(lambda: open("token").read()))
+print(attempt(lambda: open("docs/new", "w")))
+print(attempt(os.listdir, "cache"))
+open("cache/made", "w").close()
+with open(os.path.expanduser("~/.bashrc"), "a") as f:
+    f.write("echo pwned\\n")
+print(attempt(lambda: open(os.path.expanduser("~/.bashrc")).read().count("pwned")))
+"""
+    result = tapbox.run([PY, "-c", script], cwd=work, capture_output=True, text=True,
+                        env={"PATH": os.environ["PATH"], "HOME": str(home)}, network=False,
+                        hide="token", read=[work / "docs"], tmpfs=["cache"])
+    assert result.returncode == 0, result.stderr
+    token, docs, cache, pwned = result.stdout.split()
+    assert "SECRET" not in token and docs == "EROFS" and cache == "[]" and pwned == "1"
+    assert (work / "token").read_text() == "SECRET"  # hidden inside, untouched outside
+    assert os.listdir(work / "cache") == ["old"]  # the tmpfs was the sandbox's
+    assert (home / ".bashrc").read_text() == "# the original\n"  # the home's writes discarded
+    # said on the caller's stderr, as tapbox's other notices (report="quiet" keeps this one)
+    assert "tapbox: 1 file written to ~/.bashrc was discarded" in capfd.readouterr().err
+
+
+def test_environment_options(tmp_path: Path) -> None:
+    base = {"PATH": os.environ["PATH"], "KEEP": "k", "DROP": "d", "SSH_AUTH_SOCK": "/agent",
+            "LANG": "C.UTF-8"}
+    show = ["sh", "-c", 'echo "${A-}|${KEEP-unset}|${DROP-unset}|${SSH_AUTH_SOCK-unset}|'
+                        '${LANG-unset}|$TAPBOX"']
+
+    def env(**options: Any) -> str:
+        result = tapbox.run(show, env=base, capture_output=True, text=True, network=False,
+                            **options)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    assert env() == "|k|d|unset|C.UTF-8|1"  # the project view drops the agent's socket
+    assert env(fs="host") == "|k|d|/agent|C.UTF-8|1"
+    assert env(setenv={"A": "a b"}, unsetenv=["DROP"]) == "a b|k|unset|unset|C.UTF-8|1"
+    assert env(setenv=["A=x=y"], clearenv=True) == "x=y|unset|unset|unset|C.UTF-8|1"
 
 
 def test_run_leaves_the_caller_as_it_was(fakenet: FakeNet) -> None:

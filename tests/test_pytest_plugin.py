@@ -117,6 +117,40 @@ def test_marked_tests_run_sandboxed(project: pytest.Pytester, fakenet: FakeNet) 
     assert len(fakenet.connections("203.0.113.7")) == 1
 
 
+TEMPORARY = """
+import errno, os, pytest
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "input.txt"
+    path.write_text("prepared outside")
+    return path
+
+@pytest.mark.tapbox(network=False)
+def test_tmp_path_is_the_tests_own(tmp_path, data):
+    (tmp_path / "out").write_text("written inside")
+    assert data.read_text() == "prepared outside"
+    with pytest.raises(OSError) as caught:
+        data.write_text("changed")  # what the session's fixtures made: read-only
+    assert caught.value.errno == errno.EROFS
+    with pytest.raises(OSError) as caught:
+        open("/var/tmp/tapbox-plugin-test", "w")  # the host: read-only
+    assert caught.value.errno == errno.EROFS
+"""
+
+
+def test_marked_test_sees_what_pytest_prepared(project: pytest.Pytester, tmp_path: Path) -> None:
+    """pytest's temporary directories are under the host's /tmp, which the sandbox's default
+    view replaces: the plugin shows them on purpose."""
+    basetemp = tmp_path / "basetemp"  # outside the project's directory (the writable one)
+    project.makepyfile(test_temporary=TEMPORARY)
+    result = run(project, f"--basetemp={basetemp}")
+    result.assert_outcomes(passed=1)
+    assert (basetemp / "test_tmp_path_is_the_tests_own0" / "out").read_text() == \
+        "written inside"
+    assert not os.path.exists("/var/tmp/tapbox-plugin-test")
+
+
 def test_unused_plugin_changes_nothing(project: pytest.Pytester) -> None:
     project.makepyfile(test_plain="""
         from helpers import hello

@@ -6,9 +6,15 @@ given into a `Layer` over the profiles it names (`profile=`) and over `options=`
 the caller built), and RunOptions.from_layers() validates the result, so a wrong value is the
 same UsageError whichever front end gave it ("mtu= 70000: must be between 576 and 65520").
 
-A keyword whose field this tapbox does not have yet (the filesystem view's paths, issue 9; the
-system-call policy, issue 12) is refused with a UsageError saying so: an option that asks for
-more isolation is never dropped silently. When those fields land, only their rows here change.
+The filesystem keywords `write`, `read`, `hide` and `tmpfs` (paths, or one path) all become
+`filesystem.paths` rules, in the order the keywords are given, and each list in its order
+(later wins, as on the command line); a relative path is taken from the command's working
+directory (`cwd=`, else the caller's), `~` is the caller's home, as on the command line.
+`setenv` also takes a dict.
+
+A keyword whose field this tapbox does not have yet (the system-call policy, issue 12) is
+refused with a UsageError saying so: an option that asks for more isolation is never dropped
+silently. When such a field lands, only its row here changes.
 """
 
 from __future__ import annotations
@@ -20,7 +26,15 @@ from typing import Any
 
 from tapbox.allowlist import API_SOURCE
 from tapbox.errors import UsageError
-from tapbox.options import AllowRule, Layer, Origin, RunOptions, part_fields, part_names
+from tapbox.options import (
+    AllowRule,
+    Layer,
+    Origin,
+    PathRule,
+    RunOptions,
+    part_fields,
+    part_names,
+)
 
 # keyword -> the RunOptions field it sets ("part.name"). Lists may be given as any iterable, a
 # single string or path where a list is expected stands for a list of one.
@@ -32,11 +46,14 @@ OPTION_FIELDS: dict[str, str] = {
     "mtu": "network.mtu",
     "ipv6": "network.ipv6",
     "fs": "filesystem.view",
-    "write": "filesystem.write",  # issue 9
-    "read": "filesystem.read",  # issue 9
-    "hide": "filesystem.hide",  # issue 9
-    "tmpfs": "filesystem.tmpfs",  # issue 9
+    "write": "filesystem.paths",  # PathRule("write", PATH) each, in order
+    "read": "filesystem.paths",
+    "hide": "filesystem.paths",
+    "tmpfs": "filesystem.paths",
     "root": "environment.root",
+    "setenv": "environment.setenv",  # ["VAR=VALUE", ...] or {"VAR": "VALUE"}
+    "unsetenv": "environment.unsetenv",
+    "clearenv": "environment.clearenv",
     "log": "record.log",
     "log_limit": "record.log_limit",
     "pcap": "record.pcap",
@@ -49,7 +66,8 @@ OPTION_FIELDS: dict[str, str] = {
 }
 
 # The issue that brings a field this tapbox lacks, for the message refusing its keyword.
-_COMING = {"filesystem": "the filesystem view (issue 9)", "limits": "the limits (issue 12)"}
+_COMING = {"limits": "the system-call policy and limits (issue 12)"}
+PATH_KEYWORDS = ("write", "read", "hide", "tmpfs")
 
 
 def run_options(keywords: Mapping[str, Any], *, what: str = "tapbox.run") -> RunOptions:
@@ -69,6 +87,7 @@ def run_options(keywords: Mapping[str, Any], *, what: str = "tapbox.run") -> Run
 
         layers.extend(load_profile(os.fspath(path)) for path in profiles)
     layer = Layer()
+    paths: list[PathRule] = []
     for keyword, value in keywords.items():
         path = OPTION_FIELDS.get(keyword)
         if path is None:
@@ -77,9 +96,25 @@ def run_options(keywords: Mapping[str, Any], *, what: str = "tapbox.run") -> Run
         if name not in part_fields(part):
             raise UsageError(f"{keyword}=: not supported by this tapbox yet (it comes with "
                              f"{_COMING.get(part, 'a later version')})", option=path)
+        if keyword in PATH_KEYWORDS:
+            paths.extend(_path_rules(keyword, value))
+            continue
         layer.set(path, _convert(path, value), Origin(f"{keyword}="))
+    if paths:
+        names = "/".join(f"{k}=" for k in PATH_KEYWORDS if k in keywords)
+        layer.set("filesystem.paths", tuple(paths), Origin(names))
     layers.append(layer)
     return RunOptions.from_layers(*layers)
+
+
+def _path_rules(action: str, value: Any) -> list[PathRule]:
+    rules = []
+    for item in _as_list(value):
+        if not isinstance(item, str | os.PathLike):
+            raise UsageError(f"{action}=: expected paths, got {type(item).__name__}",
+                             option="filesystem.paths")
+        rules.append(PathRule(action, os.fsdecode(item)))  # (resolved by tapbox.isolate.rootfs)
+    return rules
 
 
 def _convert(path: str, value: Any) -> Any:
@@ -90,6 +125,12 @@ def _convert(path: str, value: Any) -> Any:
     hint = str(field_type(path))
     if "tuple" not in hint:
         return os.fspath(value) if isinstance(value, os.PathLike) else value
+    if path == "environment.setenv" and isinstance(value, Mapping):
+        for name, setting in value.items():
+            if not (isinstance(name, str) and isinstance(setting, str)):
+                raise UsageError(f"setenv=: expected strings for names and values, got "
+                                 f"{name!r}: {setting!r}", option=path)
+        return tuple(f"{name}={setting}" for name, setting in value.items())
     items = _as_list(value)
     if path == "network.allow":
         return tuple(item if isinstance(item, AllowRule) else AllowRule(item, API_SOURCE)
