@@ -342,6 +342,74 @@ def test_environment_options(tmp_path: Path) -> None:
     assert env(setenv=["A=x=y"], clearenv=True) == "x=y|unset|unset|unset|C.UTF-8|1"
 
 
+# ------------------------------------------------------------------------------------------------
+# Confinement and limits: main's process and limits options, from the API's keywords
+
+
+def test_limits_and_nesting_options() -> None:
+    result = tapbox.run(["sh", "-c", "ulimit -n; ulimit -d"], max_files=64, memory=256 << 20,
+                        capture_output=True, text=True, network=False)
+    assert result.stdout.split() == ["64", str(256 << 10)], result.stderr  # ulimit -d: KiB
+    with pytest.raises(tapbox.SetupError, match="--max-procs cannot be enforced"):
+        tapbox.run(["true"], max_procs=10, network=False)  # (this suite runs as root)
+    assert tapbox.run(["unshare", "-U", "true"], network=False).returncode == 0
+    assert tapbox.run(["unshare", "-U", "true"], nest=False, network=False,
+                      stderr=tapbox.DEVNULL).returncode != 0
+    with pytest.raises(tapbox.UsageError, match="max_files= 0: must be positive"):
+        tapbox.run(["true"], max_files=0, network=False)
+
+
+def test_strict_system_calls_are_named_in_the_records(fakenet: FakeNet) -> None:
+    script = "import sys; print(6 * 7); sys.stdout.flush(); import socket; socket.socket()"
+    result = tapbox.run([PY, "-S", "-c", script], syscalls="strict",
+                        syscall_allow=["@files_read"], capture_output=True, text=True,
+                        allow=["192.0.2.10"], **NET)
+    assert result.stdout == "42\n" and result.returncode == 128 + signal.SIGKILL
+    [event] = [e for e in result.events if e["event"] == "syscall"]
+    assert (event["syscall"], event["action"], event["policy"]) == ("socket", "killed", "strict")
+
+
+def test_call_under_strict_computes_and_dies_at_its_first_socket() -> None:
+    """The strict policy is for computing on untrusted data: the function goes on under it
+    (no exec to let through) and is killed, named, when it reaches further."""
+    assert tapbox.call(sum, range(10), syscalls="strict", network=False) == 45
+
+    def reach_out() -> None:
+        socket.socket()
+
+    with pytest.raises(tapbox.CrashedError, match="killed by signal 9") as caught:
+        tapbox.call(reach_out, syscalls="strict", network=False, report="quiet")
+    program = Path("/proc/self/comm").read_text().strip()  # (its name, not tapbox-init's)
+    assert f"tapbox refused: system call socket by pid 2 ({program})" in \
+        "".join(caught.value.__notes__)
+
+    def refuse(data: bytes) -> None:
+        raise ValueError(f"bad input {data!r}")
+
+    with pytest.raises(ValueError, match="bad input b'x'") as raised:  # formatting reads no file
+        tapbox.call(refuse, b"x", syscalls="strict", network=False)
+    assert "in refuse" in str(raised.value.__cause__)
+    proc = run_script("""
+        import os, tapbox
+        tapbox.enter(syscalls="strict", network=False, report="quiet")
+        os.write(1, b"computed %d\\n" % sum(range(10)))
+        os.open("/etc/hostname", os.O_RDONLY)
+        os.write(1, b"not reached\\n")
+    """)
+    assert proc.stdout == "computed 45\n" and proc.returncode == 128 + signal.SIGKILL
+
+
+def test_enter_timeout_is_the_whole_sandboxs_time_limit() -> None:
+    proc = run_script("""
+        import time, tapbox
+        tapbox.enter(timeout=1, network=False)
+        print("inside", flush=True)
+        time.sleep(60)
+        print("not reached")
+    """)
+    assert proc.returncode == 124 and proc.stdout == "inside\n", proc.stderr
+
+
 def test_run_leaves_the_caller_as_it_was(fakenet: FakeNet) -> None:
     """No signal blocked, no limit raised, no thread or descriptor left behind."""
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
@@ -513,15 +581,23 @@ def test_call_timeout() -> None:
         tapbox.call(time.sleep, 30, timeout=0.3, network=False)
 
 
-def test_nested_sandbox_with_network_is_refused_clearly(fakenet: FakeNet) -> None:
-    def inner() -> str:
-        try:
-            tapbox.run(["true"], allow=["192.0.2.10"], **NET)
-        except tapbox.SetupError as exc:
-            return str(exc)
-        return "ran"
+def test_a_sandbox_inside_a_sandbox(fakenet: FakeNet) -> None:
+    """Nesting works (the outer sandbox's files bound in stay linked while it runs): an API run
+    with its own network and its own, narrower, allowlist inside a call()."""
+    def inner() -> tuple[str, str]:
+        result = tapbox.run([PY, "-c", "import sys; sys.path[:0] = sys.argv[1:]; "
+                             "from test_api import connect; "
+                             "print(connect('192.0.2.10', 80), connect('192.0.2.20', 80))",
+                             str(Path(__file__).parent)],
+                            allow=["192.0.2.10:80"], capture_output=True, text=True, **NET)
+        return result.stdout.strip(), ", ".join(str(d) for d in result.denied)
 
-    assert "already runs in a tapbox sandbox" in tapbox.call(inner, **NET)
+    outer = {"allow": ["192.0.2.10:80", "192.0.2.20:80"], **NET}
+    with pytest.raises(tapbox.SetupError, match="/dev/net/tun is missing here"):
+        tapbox.call(inner, **outer)  # the outer sandbox must be given the TAP device
+    seen, denied = tapbox.call(inner, write="/dev/net/tun", **outer)
+    assert seen == "hello from 192.0.2.10:80 ConnectionRefusedError"
+    assert denied == "tcp 192.0.2.20:80"
     assert tapbox.call(lambda: tapbox.run(["true"], network=False).returncode,
                        network=False) == 0
 

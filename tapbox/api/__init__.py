@@ -10,7 +10,6 @@ How it is laid out:
 - enter.py    tapbox.enter: the program goes on inside, the original process supervises
 - records.py  Result, Flow, DnsQuery: what happened, read back from the run's event log
 - aio.py      awaiting a run from asyncio or trio without owning the caller's loop
-- nesting.py  whether a sandbox can be made from where the program is
 
 The public names are re-exported by the tapbox package itself (tapbox/__init__.py), and
 documented in docs/api.md.

@@ -62,14 +62,19 @@ class RemoteTraceback(Exception):
 # In the sandbox
 
 
-def run_child(fn: Callable[..., Any], args: tuple[Any, ...], fd: int) -> NoReturn:
-    """Pid 2 in Python mode: call fn(*args), send the outcome through `fd`, _exit."""
+def run_child(fn: Callable[..., Any], args: tuple[Any, ...], fd: int,
+              read_sources: bool = True) -> NoReturn:
+    """Pid 2 in Python mode: call fn(*args), send the outcome through `fd`, _exit.
+    `read_sources` False (an allow-list policy: no file may be opened): a traceback shows only
+    the source lines Python already holds."""
     status = 0
     try:
         os.set_inheritable(fd, False)  # not for what the function may exec
         try:
             outcome: tuple[Any, ...] = ("value", fn(*args))
         except BaseException as exc:  # noqa: B036 - every outcome goes back to the caller
+            if not read_sources:
+                _no_source_files()
             tb = exc.__traceback__.tb_next if exc.__traceback__ else None  # not this frame
             text = "".join(traceback.format_exception(type(exc), exc, tb))
             outcome = ("raised", exc, text) if isinstance(exc, Exception) else \
@@ -84,6 +89,24 @@ def run_child(fn: Callable[..., Any], args: tuple[Any, ...], fd: int) -> NoRetur
         status = EXIT_TAPBOX_FAILED  # the outcome could not be sent
     finally:
         os._exit(status)
+
+
+def _no_source_files() -> None:
+    """Make the traceback module use the lines linecache holds and stat or read no file (under
+    syscalls="strict" the first would kill the process before its outcome is sent). Only in the
+    function's process, about to exit."""
+    import linecache
+
+    cache = linecache.cache
+
+    def getline(filename: str, lineno: int, module_globals: Any = None) -> str:
+        entry = cache.get(filename)
+        lines = entry[2] if entry is not None and len(entry) > 2 else []
+        return lines[lineno - 1] if 0 < lineno <= len(lines) else ""
+
+    linecache.getline = getline
+    linecache.checkcache = lambda filename=None: None
+    linecache.lazycache = lambda filename, module_globals: False
 
 
 def _dump(outcome: tuple[Any, ...]) -> bytes:

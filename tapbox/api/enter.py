@@ -22,9 +22,9 @@ output are the program's: they run and are written inside, once (stdout and stde
 before the fork, and the supervisor leaves through os._exit).
 
 Refused, with a UsageError, where the program could not go on whole: when other threads run
-(only the calling thread would exist inside), and inside a running event loop (its selector
-would read /dev/null); and with a SetupError where the sandbox cannot be made from here (nested
-in a sandbox with a network, tapbox.api.nesting).
+(only the calling thread would exist inside), inside a running event loop (its selector would
+read /dev/null). `timeout=` is the whole sandbox's time limit (limits.timeout): then it is
+killed, and the supervisor exits 124 as the `tapbox` command does.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from collections.abc import Iterable
 from typing import Any, NoReturn
 
 from tapbox.api.job import forget_trio_workers
-from tapbox.api.options import run_options
+from tapbox.api.options import ENTER_FIELDS, run_options
 from tapbox.api.records import Inside
 from tapbox.api.runlog import RunLog, command_env
-from tapbox.errors import SetupError, UsageError
+from tapbox.errors import UsageError
 from tapbox.isolate import Sandbox, SignalForwarder
 from tapbox.runner import Prepared, prepare, raise_fd_limit, serve
 
@@ -49,12 +49,7 @@ def enter(*, pass_fds: Iterable[int] = (), **options: Any) -> Inside | None:
     called it becomes the supervisor and never returns."""
     _refuse_unsafe()
     forget_trio_workers()  # no other thread runs: any on trio's record died in a fork
-    run = run_options(options, what="tapbox.enter")
-    from tapbox.api.nesting import nesting_problem
-
-    problem = nesting_problem(run)
-    if problem is not None:
-        raise SetupError(problem)
+    run = run_options(options, what="tapbox.enter", table=ENTER_FIELDS)
     log = RunLog(run)
     try:
         prepared = prepare(["python", *sys.argv], log.options)
@@ -71,7 +66,8 @@ def enter(*, pass_fds: Iterable[int] = (), **options: Any) -> Inside | None:
     try:
         sandbox = Sandbox.fork(prepared.sandbox_config(None, pass_fds=keep,
                                                        env=command_env(None, log.path)),
-                               meanwhile=prepared.meanwhile)
+                               meanwhile=prepared.meanwhile,
+                               on_violation=prepared.violations)
     except BaseException:
         forwarder.restore()
         prepared.close()

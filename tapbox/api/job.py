@@ -43,11 +43,14 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import IO, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from tapbox.errors import EXIT_TAPBOX_FAILED, UsageError
 from tapbox.isolate import Sandbox
 from tapbox.runner import Prepared, serve
+
+if TYPE_CHECKING:
+    from tapbox.isolate.supervisor import Violation
 
 PIPE, DEVNULL, STDOUT = subprocess.PIPE, subprocess.DEVNULL, subprocess.STDOUT
 StreamSpec = int | IO[Any] | None
@@ -135,6 +138,7 @@ class Job:
         self.status: int | None = None
         self.error: BaseException | None = None
         self.failure: str | None = None  # the engine's, if it died
+        self.violations: list[Violation] = []  # the system calls the policy refused
         self.killed = False
         self._lock = threading.Lock()
         self._pidfd: int | None = None
@@ -149,7 +153,8 @@ class Job:
     def _main(self) -> None:
         try:
             try:
-                sandbox = Sandbox.fork(self.config, meanwhile=self.prepared.meanwhile)
+                sandbox = Sandbox.fork(self.config, meanwhile=self.prepared.meanwhile,
+                                       on_violation=self.prepared.violations)
             except BaseException as exc:  # noqa: B036 - handed to the caller's thread
                 self.error = exc
                 return
@@ -170,6 +175,8 @@ class Job:
                 self.failure = self.prepared.recording.failure
             except BaseException as exc:  # noqa: B036 - handed to the caller's thread
                 self.error = exc
+            finally:
+                self.violations = list(sandbox.violations)
         finally:  # never reached in the sandbox: _in_sandbox() leaves through os._exit
             self.streams.close_child_ends()
             self.prepared.close()

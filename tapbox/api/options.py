@@ -12,9 +12,9 @@ The filesystem keywords `write`, `read`, `hide` and `tmpfs` (paths, or one path)
 directory (`cwd=`, else the caller's), `~` is the caller's home, as on the command line.
 `setenv` also takes a dict.
 
-A keyword whose field this tapbox does not have yet (the system-call policy, issue 12) is
-refused with a UsageError saying so: an option that asks for more isolation is never dropped
-silently. When such a field lands, only its row here changes.
+A keyword whose field this tapbox does not have yet is refused with a UsageError saying so:
+an option that asks for more isolation is never dropped silently. When such a field lands,
+only its row here changes.
 """
 
 from __future__ import annotations
@@ -62,15 +62,25 @@ OPTION_FIELDS: dict[str, str] = {
     "audit": "record.audit",
     "report": "record.report",
     "verbose": "record.verbose",
-    "syscalls": "limits.syscalls",  # issue 12: "default", "strict", "off" or a policy
+    "syscalls": "process.syscalls",  # "default", "strict", "off"
+    "syscall_allow": "process.syscall_allow",  # names and @groups
+    "nest": "process.nest",
+    "landlock": "process.landlock",
+    "memory": "limits.memory",  # bytes
+    "max_procs": "limits.max_procs",
+    "max_files": "limits.max_files",
 }
+# limits.timeout has no keyword of its own: tapbox.run and tapbox.call have subprocess's
+# timeout= (the sandbox killed, TimeoutExpired raised), and tapbox.enter's timeout= sets it.
+ENTER_FIELDS = {**OPTION_FIELDS, "timeout": "limits.timeout"}
 
 # The issue that brings a field this tapbox lacks, for the message refusing its keyword.
-_COMING = {"limits": "the system-call policy and limits (issue 12)"}
+_COMING: dict[str, str] = {}
 PATH_KEYWORDS = ("write", "read", "hide", "tmpfs")
 
 
-def run_options(keywords: Mapping[str, Any], *, what: str = "tapbox.run") -> RunOptions:
+def run_options(keywords: Mapping[str, Any], *, what: str = "tapbox.run",
+                table: Mapping[str, str] = OPTION_FIELDS) -> RunOptions:
     """RunOptions from an API call's option keywords (OPTION_FIELDS, plus `options=` and
     `profile=`). Raises UsageError for an unknown keyword or a bad value, ProfileError for a
     profile that cannot be used."""
@@ -89,7 +99,7 @@ def run_options(keywords: Mapping[str, Any], *, what: str = "tapbox.run") -> Run
     layer = Layer()
     paths: list[PathRule] = []
     for keyword, value in keywords.items():
-        path = OPTION_FIELDS.get(keyword)
+        path = table.get(keyword)
         if path is None:
             raise UsageError(f"{what}() got an unexpected keyword argument {keyword!r}")
         part, name = path.split(".")
@@ -157,3 +167,4 @@ def _layer_of(options: RunOptions) -> Layer:
             layer.set(f"{part}.{f.name}", getattr(values, f.name), Origin(f"options.{part}."
                                                                            f"{f.name}"))
     return layer
+

@@ -27,8 +27,8 @@ from tapbox.api.options import run_options
 from tapbox.api.records import Records, Result, describe_args
 from tapbox.api.runlog import RunLog, command_env
 from tapbox.errors import DeniedError, EngineError, TimeoutExpired, UsageError
-from tapbox.options import RunOptions
 from tapbox.runner import prepare
+from tapbox.textescape import escape
 
 
 def run(args: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
@@ -120,7 +120,6 @@ async def call_async(fn: Callable[..., Any], /, *args: Any, timeout: float | Non
 def _prepared_job(label: list[str], keywords: Mapping[str, Any], what: str,
                   make: Callable[[Any], Job]) -> tuple[Job, RunLog]:
     options = run_options(keywords, what=what)
-    _refuse_nesting(options)
     log = RunLog(options)
     try:
         prepared = prepare(label, log.options)
@@ -177,11 +176,12 @@ def _call_job(fn: Callable[..., Any], args: tuple[Any, ...], cwd: Any,
     what = _name_of(fn)
 
     def make(prepared: Any) -> Job:
+        read_sources = prepared.policy is None or not prepared.policy.is_allow_list
         streams = Streams(result=True)
         try:
             job = Job(prepared, None, streams, pass_fds=pass_fds, cwd=_cwd(cwd),
                       env=command_env(env, prepared.options.record.log),
-                      child=lambda: run_child(fn, args, streams.result_fd))
+                      child=lambda: run_child(fn, args, streams.result_fd, read_sources))
         except BaseException:
             streams.close()
             raise
@@ -241,9 +241,12 @@ def _call_outcome(job: Job, what: str, piped: dict[str, bytes], log: RunLog,
     try:
         value = outcome(piped.get("result", b""), job.status, result_types, what)
     except Exception as exc:
-        if denied:
-            with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):
+            if denied:
                 exc.add_note(_denied_text(result))
+            if job.violations:  # (a function killed under syscalls="strict", for one)
+                exc.add_note("tapbox refused: " + "; ".join(
+                    escape(v.describe()) for v in job.violations[:5]))
         raise
     if check:
         _check_denied(result, what)
@@ -295,13 +298,3 @@ def _name_of(fn: Callable[..., Any]) -> str:
     module = getattr(inner, "__module__", None) or ""
     name = getattr(inner, "__qualname__", None) or type(inner).__name__
     return f"{module}.{name}" if module else name
-
-
-def _refuse_nesting(options: RunOptions) -> None:
-    from tapbox.api.nesting import nesting_problem
-
-    problem = nesting_problem(options)
-    if problem is not None:
-        from tapbox.errors import SetupError
-
-        raise SetupError(problem)
