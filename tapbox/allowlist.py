@@ -45,6 +45,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 RuleKind = Literal["name", "wildcard", "address", "network"]
 
 CLI_SOURCE = "--allow"
+API_SOURCE = "allow="  # a rule given to the Python API (tapbox.run(..., allow=[...]))
 MAX_NAME_LENGTH = 253
 MAX_LABEL_LENGTH = 63
 
@@ -109,8 +110,8 @@ def parse_rule(text: str, source: str = CLI_SOURCE) -> Rule:
         kind, name, network, ports = _parse_rule_text(rule_text)
     except _Problem as exc:
         problem = str(exc)
-        if source == CLI_SOURCE:
-            message = f"{CLI_SOURCE} '{rule_text}': {problem}"
+        if source in (CLI_SOURCE, API_SOURCE):
+            message = f"{source} '{rule_text}': {problem}"
         else:
             message = f"{source}: {problem}"
         raise AllowlistError(message, problem=problem) from None

@@ -12,8 +12,22 @@ want to tell them apart (the Python API raises them as they are; the CLI prints 
     |                   opened, user namespaces disabled...): one line naming cause and fix
     +-- InputError      a line of a file, or one option's text, that cannot be used:
         |               str() is "LOCATION: PROBLEM", e.g. "allowed.txt:7: invalid port ..."
-        +-- AllowlistError   an allowlist file or an --allow rule
-        +-- ProfileError     a -p/--profile file (TOML)
+    |   +-- AllowlistError   an allowlist file or an --allow rule
+    |   +-- ProfileError     a -p/--profile file (TOML)
+    +-- RunError        the Python API (tapbox.run, tapbox.call): a run that did not end as asked
+    |   +-- DeniedError      check=True, and the policy denied something (destinations named)
+    |   +-- CommandError     check=True, and the command exited non-zero (also a
+    |   |                    subprocess.CalledProcessError)
+    |   +-- TimeoutExpired   timeout= passed: the sandbox was killed (also a
+    |   |                    subprocess.TimeoutExpired)
+    |   +-- EngineError      the network engine failed: the command was stopped
+    +-- CallError       tapbox.call(): the function gave back neither a value nor an exception
+        +-- CrashedError     its process died (a signal, os._exit) before it returned
+        +-- ResultError      its result (or exception) could not be brought back: not
+                             picklable, too large, or of a type the caller did not admit
+
+An exception the function raised inside tapbox.call() is raised in the caller as it was (its
+traceback text as its __cause__), not wrapped in one of these.
 
 Exit statuses (DESIGN.md "Process model"), defined here and nowhere else: CMD's own status;
 128+N if CMD was killed by signal N; 124 if --timeout ran out and the sandbox was killed (as
@@ -24,7 +38,11 @@ could not be executed; 127 if CMD was not found (the last two as env(1) reports 
 from __future__ import annotations
 
 import re
-from typing import Self
+import subprocess
+from typing import TYPE_CHECKING, Any, Self
+
+if TYPE_CHECKING:
+    from tapbox.api.records import Result
 
 # Exit statuses of tapbox's own making (DESIGN.md "Process model"); otherwise tapbox exits with
 # the command's status, or 128+N when the command died of signal N.
@@ -113,3 +131,70 @@ class AllowlistError(InputError):
 class ProfileError(InputError):
     """A profile file that cannot be used: ``"profile.toml:12: unknown key 'mtuu' in
     [network]"``, ``"profile.toml: cannot read: ..."``."""
+
+
+class RunError(TapboxError):
+    """A run of the Python API did not end as its caller asked (check=True, timeout=).
+    `result` is what is known of the run (tapbox.Result; None if nothing is)."""
+
+    def __init__(self, message: str, result: Result | None = None) -> None:
+        Exception.__init__(self, message)  # not super(): the subprocess bases come next
+        self.result = result
+
+
+class DeniedError(RunError):
+    """check=True and the sandbox tried what its policy denies. `denied`: the denied flows and
+    DNS queries (tapbox.Flow, tapbox.DnsQuery); str() names them."""
+
+    def __init__(self, message: str, result: Result, denied: list[Any]) -> None:
+        super().__init__(message, result)
+        self.denied = denied
+
+
+class CommandError(RunError, subprocess.CalledProcessError):
+    """check=True and the command exited with a non-zero status (as subprocess.run raises
+    CalledProcessError: `returncode`, `cmd`, `output`/`stdout`, `stderr`)."""
+
+    def __init__(self, message: str, result: Result) -> None:
+        RunError.__init__(self, message, result)
+        subprocess.CalledProcessError.__init__(self, result.returncode, result.args,
+                                               result.stdout, result.stderr)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class TimeoutExpired(RunError, subprocess.TimeoutExpired):
+    """The run took longer than its timeout= and was killed (`timeout`, `cmd`, and what was
+    captured until then: `output`/`stdout`, `stderr`)."""
+
+    def __init__(self, message: str, cmd: Any, timeout: float, output: Any = None,
+                 stderr: Any = None) -> None:
+        RunError.__init__(self, message)
+        subprocess.TimeoutExpired.__init__(self, cmd, timeout, output, stderr)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class EngineError(RunError):
+    """The network engine failed during the run; the command was stopped (the CLI's 125)."""
+
+
+class CallError(TapboxError):
+    """tapbox.call(): the function gave back neither a value nor an exception of its own."""
+
+
+class CrashedError(CallError):
+    """The function's process died before it returned: `returncode` is its status (128+N for
+    signal N, as the CLI reports it)."""
+
+    def __init__(self, message: str, returncode: int) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+
+class ResultError(CallError):
+    """The function's result, or the exception it raised, could not be brought back."""

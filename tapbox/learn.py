@@ -1,5 +1,8 @@
 """Learn mode (`--learn FILE`): write the allowlist that admits exactly what a run used.
 
+FILE is an allowlist (docs/allowlist.md), or a profile when its name ends in `.toml`
+(docs/profiles.md): the same rules then go into its `[network] allow` (tapbox.learnprofile).
+
 How this works
 --------------
 The run is an audit-mode run (nothing blocked, see tapbox.auditpolicy), and `Learner` watches
@@ -43,6 +46,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from tapbox import learnprofile
 from tapbox.allowlist import Allowlist, AllowlistError, Rule, parse_lines, parse_rule
 from tapbox.flows import FlowRecord
 from tapbox.textescape import escape
@@ -103,7 +107,10 @@ class Learner:
             except UnicodeDecodeError as exc:
                 raise AllowlistError(f"{path}: cannot read: not UTF-8 text (bad byte at "
                                      f"offset {exc.start})") from None
-            self.existing = parse_lines(self.text.splitlines(), path)  # AllowlistError: stop
+            if learnprofile.is_profile(path):  # ProfileError, AllowlistError: stop
+                self.existing = learnprofile.existing_rules(self.text, path)
+            else:
+                self.existing = parse_lines(self.text.splitlines(), path)  # AllowlistError
         directory = os.path.dirname(self.target)
         if not os.access(directory, os.W_OK):
             raise AllowlistError(f"--learn {path}: cannot write to {directory}")
@@ -215,7 +222,32 @@ class Learner:
         ran = f"exit status {status}" if status is not None else "no exit status"
         body = [f"{u.text}  # {u.comment}" if u.comment else u.text for u in add]
         body += self._lookup_lines(add)
-        if self.exists and not add:
+        profile = learnprofile.is_profile(self.path)
+        if profile and add:  # FILE.toml: the rules go into [network] allow
+            rules = [(u.text, u.comment) for u in add]
+            notes = self._lookup_lines(add)
+            if self.exists:
+                try:
+                    text = learnprofile.merge_profile(
+                        self.text, self.path, f"added by tapbox --learn, {when}, {ran}: "
+                        f"{command}", rules, notes)
+                except learnprofile.LearnError as exc:
+                    report.append(f"learn: cannot add to {self.path}: {exc}; left unchanged. "
+                                  "The run needed: " + ", ".join(u.text for u in add))
+                    return report
+                done = (f"added {len(add)} rule{'s' * (len(add) != 1)} to {self.path}: "
+                        + ", ".join(u.text for u in add))
+            else:
+                text = learnprofile.new_profile([
+                    "# Profile learned by tapbox --learn (format: docs/profiles.md)",
+                    f"# command: {command}",
+                    f"# run:     {when}, {ran}",
+                    "# Names are the DNS names the command asked for; addresses appear only "
+                    "where",
+                    "# it connected without resolving a name. Review before use.",
+                ], rules, notes)
+                done = f"wrote {len(add)} rule{'s' * (len(add) != 1)} to {self.path}"
+        elif self.exists and not add:
             text = self.text
             done = f"restored {self.path} as it was before the run (nothing to add)"
         elif self.exists:
@@ -226,6 +258,13 @@ class Learner:
                 [f"# added by tapbox --learn, {when}, {ran}: {command}", *body]) + "\n"
             done = (f"added {len(add)} rule{'s' * (len(add) != 1)} to {self.path}: "
                     + ", ".join(u.text for u in add))
+        elif profile:  # a new profile that learned nothing: an empty one
+            text = learnprofile.new_profile([
+                "# Profile learned by tapbox --learn (format: docs/profiles.md)",
+                f"# command: {command}",
+                f"# run:     {when}, {ran}: it connected to nothing",
+            ], [], self._lookup_lines(add))
+            done = f"wrote 0 rules to {self.path}"
         else:
             header = [
                 "# Allowlist learned by tapbox --learn (format: docs/allowlist.md)",

@@ -299,9 +299,12 @@ class RunOptions:
         for rule in self.filesystem.paths:
             problem = _path_rule_problem(rule)
             if problem:
-                given = name("filesystem.paths")  # on the command line: the flag itself
-                label = f"--{rule.action}" if given.startswith("--") and \
-                    rule.action in PATH_ACTIONS else given
+                given = name("filesystem.paths")  # on the command line: the flag itself,
+                label = given  # in the API the keyword ("write=")
+                if rule.action in PATH_ACTIONS and given.startswith("--"):
+                    label = f"--{rule.action}"
+                elif rule.action in PATH_ACTIONS and given.endswith("="):
+                    label = f"{rule.action}="
                 raise fail("filesystem.paths", f"{label}: {problem}")
         env = self.environment
         for path, items, check in (("environment.setenv", env.setenv, _setenv_problem),

@@ -30,7 +30,7 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tapbox.allowlist import Allowlist, AllowlistError, Rule, load_file, parse_rule
 from tapbox.errors import EXIT_TAPBOX_FAILED, EXIT_TIMEOUT, SetupError
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from tapbox.audit import Audit
     from tapbox.eventlog import EventLog
     from tapbox.isolate.supervisor import Violation
+    from tapbox.isolate.syscalls import Policy
     from tapbox.learn import Learner
     from tapbox.net.dns import DnsForwarder, Pending
     from tapbox.pcap import PcapWriter
@@ -72,7 +73,7 @@ def host_has_ipv6() -> bool:
         return False
 
 
-def _raise_fd_limit() -> None:
+def raise_fd_limit() -> None:
     """Every proxied connection holds a host socket: allow as many as the hard limit does."""
     import resource
 
@@ -263,6 +264,7 @@ class Recording:
     learner: Learner | None = None
     sources: list[str] = field(default_factory=list)
     placeholder: tuple[str, int, int] | None = None  # (path, dev, ino) of an empty --learn file
+    failure: str | None = None  # why the engine died, if it did (the run then ends with 125)
 
     def paths(self, options: RunOptions) -> tuple[str, ...]:
         """The files this run records to: the sandbox may not write them."""
@@ -320,72 +322,118 @@ def _open_recording(command: Sequence[str], options: RunOptions) -> Recording:
 
 def run(command: Sequence[str], options: RunOptions) -> int:
     """Run `command` as `options` say (validated: RunOptions.from_layers or .validate());
-    returns the exit status. Raises TapboxError if tapbox fails before the command runs."""
-    if not options.network.enabled:
-        return _run_sandbox(command, options, network=False)
+    returns the exit status. Raises TapboxError if tapbox fails before the command runs.
+
+    The `tapbox` command's way: signals sent to tapbox are passed on to the command, and the
+    file descriptor limit is raised for the engine's sockets (tapbox.api runs in a program
+    that keeps its own signals and limits: it uses prepare() and serve() alone)."""
+    prepared = prepare(command, options)
     try:
-        rules = load_rules(options.network.allowlists, options.network.allow)
-    except AllowlistError as exc:
-        raise SetupError(str(exc)) from None
-    recording = _open_recording(command, options)
-    if recording.learner is not None:
-        rules.extend(recording.learner.existing)
-    if not rules and not options.record.audit_mode and options.record.report != "quiet":
-        print("tapbox: the allowlist is empty: no network access is allowed", file=sys.stderr)
-    try:
-        return _run_sandbox(command, options, network=True, rules=rules, recording=recording)
+        forwarder = SignalForwarder()
+        try:
+            sandbox = Sandbox.spawn(prepared.sandbox_config(list(command)),
+                                    meanwhile=prepared.meanwhile,
+                                    on_violation=prepared.violations)
+        except BaseException:
+            forwarder.restore()
+            raise
+        forwarder.start(sandbox.pid)
+        try:
+            raise_fd_limit()  # after the fork: the command keeps the limits it was given
+            return serve(prepared, sandbox)
+        finally:
+            forwarder.restore(discard_pending=True)  # the caller's signal mask, as it was
     finally:
-        recording.close()
+        prepared.close()
 
 
-def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
-                 rules: list[Rule] | None = None, recording: Recording | None = None) -> int:
+@dataclass
+class Prepared:
+    """One run, ready for its sandbox: the allowlist parsed, the record files open, the DNS
+    upstreams known, the limits and the system-call policy checked. Everything here can fail
+    before the command exists."""
+
+    command: list[str]  # as the event log names it
+    options: RunOptions
+    rules: list[Rule]
+    recording: Recording
+    upstreams: list[tuple[str, int]]
+    ipv6: bool
+    rlimits: tuple[tuple[int, int], ...] = ()
+    policy: Policy | None = None
+    host: list[str] = field(default_factory=list)  # the host's own addresses (meanwhile())
+    # Refused system calls, from the sandbox's supervisor to the audit layer (Sandbox.spawn's
+    # on_violation).
+    violations: ViolationSink = field(default_factory=ViolationSink)
+
+    @property
+    def network(self) -> bool:
+        return self.options.network.enabled
+
+    def sandbox_config(self, argv: list[str] | None, **process: Any) -> SandboxConfig:
+        """The sandbox for this run; `argv` None: Python mode (tapbox.isolate.child).
+        `process`: the command's stdio, pass_fds, cwd and env (SandboxConfig)."""
+        resolv = f"nameserver {DNS_ADDRESS}\n" + (f"nameserver {DNS_ADDRESS6}\n" if self.ipv6
+                                                 else "")
+        env, confine = self.options.environment, self.options.process
+        return SandboxConfig(argv=argv, network=self.network, mtu=self.options.network.mtu,
+                             root=env.root, ipv6=self.ipv6, resolv_conf=resolv,
+                             read_only_files=self.recording.paths(self.options),
+                             filesystem=self.options.filesystem, setenv=env.setenv,
+                             unsetenv=env.unsetenv, clearenv=env.clearenv,
+                             syscalls=self.policy, nest=confine.nest,
+                             landlock=confine.landlock, rlimits=self.rlimits, **process)
+
+    def meanwhile(self) -> None:
+        """What the parent does while the sandbox sets itself up (Sandbox.spawn)."""
+        if self.network:
+            from tapbox.hostaddrs import host_addresses
+
+            _import_engine()
+            self.host.extend(host_addresses())
+
+    def close(self) -> None:
+        self.recording.close()
+
+
+def prepare(command: Sequence[str], options: RunOptions) -> Prepared:
+    """Everything before the sandbox: raises TapboxError (an AllowlistError for a rule)."""
     from tapbox.isolate.syscalls import policy_for
 
-    upstreams = _upstreams(options) if network else []
-    host: list[str] = []  # the host's own addresses, guarded like its loopback
     rlimits = _rlimits(options)
     policy = policy_for(options.process.syscalls, options.process.syscall_allow)
-
-    def meanwhile() -> None:
-        from tapbox.hostaddrs import host_addresses
-
-        _import_engine()
-        host.extend(host_addresses())
-
-    if network and not upstreams and any(r.name for r in rules or []):
-        print("tapbox: no DNS upstream (none in /etc/resolv.conf; use --dns-upstream): "
-              "names will not resolve", file=sys.stderr)
-    forwarder = SignalForwarder()
-    violations = ViolationSink()
+    if not options.network.enabled:
+        return Prepared(list(command), options, [], Recording(), [], False, rlimits, policy)
+    rules = load_rules(options.network.allowlists, options.network.allow)
+    recording = _open_recording(command, options)
     try:
+        if recording.learner is not None:
+            rules.extend(recording.learner.existing)
+        if not rules and not options.record.audit_mode and options.record.report != "quiet":
+            print("tapbox: the allowlist is empty: no network access is allowed",
+                  file=sys.stderr)
+        upstreams = _upstreams(options)
+        if not upstreams and any(r.name for r in rules):
+            print("tapbox: no DNS upstream (none in /etc/resolv.conf; use --dns-upstream): "
+                  "names will not resolve", file=sys.stderr)
         ipv6 = options.network.ipv6
-        ipv6_enabled = network and (ipv6 == "on" or (ipv6 == "auto" and host_has_ipv6()))
-        resolv = f"nameserver {DNS_ADDRESS}\n" + \
-            (f"nameserver {DNS_ADDRESS6}\n" if ipv6_enabled else "")
-        env = options.environment
-        sandbox = Sandbox.spawn(SandboxConfig(argv=list(command), network=network,
-                                              mtu=options.network.mtu,
-                                              root=env.root,
-                                              ipv6=ipv6_enabled, resolv_conf=resolv,
-                                              read_only_files=recording.paths(options)
-                                              if recording else (),
-                                              filesystem=options.filesystem,
-                                              setenv=env.setenv, unsetenv=env.unsetenv,
-                                              clearenv=env.clearenv,
-                                              syscalls=policy, nest=options.process.nest,
-                                              landlock=options.process.landlock,
-                                              rlimits=rlimits),
-                                meanwhile=meanwhile if network else None,
-                                on_violation=violations)
+        ipv6_enabled = ipv6 == "on" or (ipv6 == "auto" and host_has_ipv6())
     except BaseException:
-        forwarder.restore()
+        recording.close()
         raise
-    forwarder.start(sandbox.pid)
-    _say_plan(sandbox, options)
-    _raise_fd_limit()  # after the fork: the command keeps the limits it was given
+    return Prepared(list(command), options, rules, recording, upstreams, ipv6_enabled, rlimits,
+                    policy)
+
+
+def serve(prepared: Prepared, sandbox: Sandbox) -> int:
+    """Start the sandbox's command and serve its network until it exits (or --timeout kills
+    it: 124); its exit status. The sandbox is killed and reaped on the way out, whatever
+    happens."""
+    options = prepared.options
+    violations = prepared.violations
     try:
-        if not network:
+        _say_plan(sandbox, options)
+        if not prepared.network:
             def make_audit() -> Audit:
                 from tapbox.audit import Audit
 
@@ -404,17 +452,16 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
         else:
             import trio
 
-            status = trio.run(_serve, sandbox, rules or [], upstreams, command, options,
-                              ipv6_enabled, recording or Recording(), host, violations)
+            status = trio.run(_serve, sandbox, prepared.rules, prepared.upstreams,
+                              prepared.command, options, prepared.ipv6, prepared.recording,
+                              prepared.host, violations)
         _say_discarded(sandbox)
         return status
     finally:
-        forwarder.stop()
         if sandbox.returncode is None:
             sandbox.kill()
             sandbox.wait_status()
         sandbox.close()
-        forwarder.restore(discard_pending=True)  # the caller's signal mask, as it was
 
 
 def _wait(sandbox: Sandbox, timeout: float | None) -> int | None:
@@ -569,8 +616,8 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
             nursery.cancel_scope.cancel()
     except Exception as exc:  # the engine died (an ExceptionGroup from the nurseries)
         sandbox.kill()
-        audit.say(f"the network engine failed ({_engine_failure(exc, EngineError)}); "
-                  "the command was stopped")
+        recording.failure = _engine_failure(exc, EngineError)
+        audit.say(f"the network engine failed ({recording.failure}); the command was stopped")
         if recording.learner is not None:
             audit.say(f"learn: the run did not complete; {recording.learner.path} left as it was")
             recording.learner = None

@@ -21,6 +21,7 @@ Fixtures
                  visible unless a test passes ``--write``/``--read`` for it.
 ``spawn_tapbox`` same arguments (no ``input``/``timeout``), returns the running ``Popen``
                  (own session, stdout/stderr piped); killed at teardown if still running.
+``fake_http``    (session) an HTTP server at http://api.example.test:8000/ in the fake internet.
 ``run_client``   ``run_client(*client_args, allow_file_text=None, allow=(), tapbox_args=(),
                  timeout=60, user=None)`` runs tests/client.py inside tapbox and returns a
                  :class:`ClientRun` (``.proc``, ``.result`` = the parsed JSON line or None).
@@ -87,6 +88,38 @@ def fakenet() -> Iterator[FakeNet]:
         yield net
     finally:
         net.stop()
+
+
+HTTP_ADDRESS = ("192.0.2.10", 8000)  # api.example.test:8000 in the fake internet
+HTTP_BODY = b"hello from api.example.test\n"
+
+
+@pytest.fixture(scope="session")
+def fake_http(fakenet: FakeNet) -> Iterator[str]:
+    """An HTTP server in the fake internet (api.example.test:8000): GET answers HTTP_BODY.
+    Yields its URL. For examples that use ordinary HTTP clients (docs/api.md)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(HTTP_BODY)))
+            self.end_headers()
+            self.wfile.write(HTTP_BODY)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = _fakenet.in_internet(
+        lambda: http.server.ThreadingHTTPServer(HTTP_ADDRESS, Handler))
+    thread = threading.Thread(target=server.serve_forever, name="fake-http", daemon=True)
+    thread.start()
+    try:
+        yield f"http://api.example.test:{HTTP_ADDRESS[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture(autouse=True)

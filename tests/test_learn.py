@@ -124,3 +124,85 @@ def test_learn_file_that_does_not_parse_stops_before_the_command(
     assert proc.returncode == 125, describe(proc)
     assert "project.allow:1:" in proc.stderr and "COMMAND-RAN" not in proc.stdout
     assert learned.read_text() == "api.example.test:99999\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# --learn FILE.toml: a profile
+
+
+def test_learn_writes_a_profile_that_replays(run_tapbox: RunTapbox, fakenet: FakeNet,
+                                              tmp_path: Path) -> None:
+    import tomllib
+
+    learned = tmp_path / "project.toml"
+    learn = run_tapbox("--learn", str(learned), cmd=["sh", "-c", f"{SCRIPT}; {LOOKUP}"],
+                       timeout=SHORT)
+    assert learn.returncode == 0, describe(learn)
+    assert f"wrote 4 rules to {learned}" in learn.stderr, describe(learn)
+    text = learned.read_text()
+    assert tomllib.loads(text) == {"network": {"allow": LEARNED}}, text
+    assert text.startswith("# Profile learned by tapbox --learn"), text
+    assert "#   multi.example.test" in text  # a comment, not a rule
+
+    fakenet.reset()
+    replay = run_tapbox("-p", str(learned), cmd=["sh", "-c", SCRIPT], timeout=SHORT)
+    assert replay.returncode == 0 and "denied" not in replay.stderr, describe(replay)
+    other = run_tapbox("-p", str(learned), cmd=["sh", "-c", client("connect", "203.0.113.7",
+                                                                   "80")], timeout=SHORT)
+    assert "denied tcp 203.0.113.7:80" in other.stderr, describe(other)
+
+
+def _learn_into(run_tapbox: RunTapbox, profile: Path) -> subprocess.CompletedProcess[str]:
+    script = "set -e; " + "; ".join([client("hello", "api.example.test", "80"),
+                                     client("hello", "203.0.113.7", "80")])
+    return run_tapbox("--learn", str(profile), cmd=["sh", "-c", script], timeout=SHORT)
+
+
+def test_learn_merges_into_a_profile_keeping_its_text(run_tapbox: RunTapbox, fakenet: FakeNet,
+                                                      tmp_path: Path) -> None:
+    import tomllib
+
+    (tmp_path / "team.allow").write_text("api.example.test:80\n")
+    cases = {
+        # the array, with a bracket and a '#' inside strings and comments, no trailing comma
+        "array.toml": ('# ours\n[network]\nallow = [\n  "192.0.2.20:80", # "]" not the end\n'
+                       '  "[2001:db8::1]:443"\n]\nmtu = 1500\n[record]\nreport = "summary"\n',
+                       ["192.0.2.20:80", "[2001:db8::1]:443", "api.example.test:80",
+                        "203.0.113.7:80"]),
+        # a [network] table without allow (its allowlist file already admits the API)
+        "table.toml": '[network]\nallowlists = ["team.allow"]\nipv6 = "off"\n',
+        # no [network] at all
+        "bare.toml": '[record]\nreport = "quiet"\n',
+    }
+    expected = {"table.toml": ["203.0.113.7:80"],
+                "bare.toml": ["api.example.test:80", "203.0.113.7:80"]}
+    for name, case in cases.items():
+        text, want = case if isinstance(case, tuple) else (case, expected[name])
+        profile = tmp_path / name
+        profile.write_text(text)
+        merged = _learn_into(run_tapbox, profile)
+        assert merged.returncode == 0, describe(merged)
+        after = profile.read_text()
+        lines = iter(after.splitlines())  # every line that was there stays, in its order
+        assert all(any(line == kept.rstrip(",") or line == kept for kept in lines)
+                   for line in text.splitlines()), after
+        document = tomllib.loads(after)
+        assert document["network"]["allow"] == want, after
+        for key, value in tomllib.loads(text).items():  # nothing else changed
+            for inner, setting in value.items():
+                if inner != "allow":
+                    assert document[key][inner] == setting, after
+        assert "# added by tapbox --learn" in after
+        again = _learn_into(run_tapbox, profile)
+        assert "already admits everything" in again.stderr, describe(again)
+
+
+def test_learn_refuses_a_profile_it_cannot_extend(run_tapbox: RunTapbox, fakenet: FakeNet,
+                                                  tmp_path: Path) -> None:
+    profile = tmp_path / "one.toml"
+    original = '[network]\nallow = "192.0.2.20:80"   # one rule, not an array\n'
+    profile.write_text(original)
+    proc = _learn_into(run_tapbox, profile)
+    assert "cannot add to" in proc.stderr and "left unchanged" in proc.stderr, describe(proc)
+    assert "The run needed: api.example.test:80, 203.0.113.7:80" in proc.stderr
+    assert profile.read_text() == original

@@ -38,6 +38,15 @@ it the kernel kills every process of the namespace), names itself `tapbox-init`,
 7. becomes the reaper (tapbox.isolate.reaper): forks the command (pid 2), which execs; reaps
    every orphan; forwards signals; exits with the command's status.
 
+Python mode (`config.argv` None: tapbox.call and tapbox.enter): pid 2 does not exec but returns,
+up through reaper.run, init_main and child_main, into `Sandbox.fork()`, and the caller's program
+goes on inside the sandbox. Nothing on that way back runs clean-up meant for another process.
+Such a process keeps its memory, so its inherited descriptors are not closed in step 1 but
+replaced by /dev/null (a Python object still holding one must not write into whatever file
+later gets its number); either way no descriptor opened close-on-exec outside -- a socket to
+the host, another run's TAP device or log -- is usable inside. Descriptors in `pass_fds` are
+kept in both modes, as subprocess keeps them; `stdio` are put on 0, 1 and 2 first.
+
 A failure before "R" is sent to tapbox as b"E" + one line, which spawn() raises as SetupError
 (exit 125). PR_SET_PDEATHSIG fires when the *thread* that forked exits, so spawn() must be called
 from the thread that lives as long as tapbox (the main thread).
@@ -52,7 +61,6 @@ import os
 import signal
 import socket
 import struct
-from typing import NoReturn
 
 from tapbox.errors import EXIT_TAPBOX_FAILED, SetupError
 from tapbox.isolate import mounts
@@ -90,20 +98,23 @@ def child_main(
     parent_pid: int,
     uid: int,
     gid: int,
-) -> NoReturn:
-    """Runs in the process tapbox forked; never returns (os._exit)."""
+) -> None:
+    """Runs in the process tapbox forked; never returns (os._exit), except in pid 2 of a
+    sandbox in Python mode (config.argv None), whose program goes on."""
     try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         libc = Libc()
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent_pid:  # tapbox died before prctl took effect
             os._exit(EXIT_TAPBOX_FAILED)
-        _close_inherited_fds(keep=sock.fileno())
+        _set_stdio(config.stdio)
+        _drop_inherited_fds(sock.fileno(), set(config.pass_fds), neutralize=config.argv is None)
         host = Host.collect()
         enter_namespaces(libc, host, uid, gid, config.root)
         pid = libc.clone_parent(_legacy_clone_nr)
         if pid == 0:
-            init_main(config, plan, env, sock, libc, host)
+            init_main(config, plan, env, sock, libc, host, mask)
+            return  # pid 2 in Python mode: the caller's program goes on
         if pid < 0:
             raise SetupError(eperm_failure(
                 f"creating pid 1 of the sandbox's PID namespace: {os.strerror(-pid)}", host))
@@ -118,11 +129,13 @@ def child_main(
 
 def init_main(
     config: SandboxConfig, plan: Plan, env: dict[str, str], sock: socket.socket, libc: Libc,
-    host: Host
-) -> NoReturn:
-    """Pid 1 of the sandbox: set up, wait for the word, then reap (never returns)."""
+    host: Host, mask: set[signal.Signals] | None = None,
+) -> None:
+    """Pid 1 of the sandbox: set up, wait for the word, then reap (never returns, except in pid
+    2 in Python mode). `mask`: the signal mask the program had, for pid 2 in Python mode."""
     try:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # tapbox is our parent (CLONE_PARENT)
+        program = _own_name() if config.argv is None else ""  # pid 2 in Python mode takes it back
         libc.set_name(INIT_NAME)
         # Imported while the host's tree is still the root: the view may not show tapbox.
         import resource  # noqa: F401 - the command's limits (reaper)
@@ -146,6 +159,8 @@ def init_main(
             for fd in (*fds, listener):  # tapbox owns them now; nothing in the sandbox may
                 if fd is not None:       # hold them (nor its own filter's listener)
                     os.close(fd)
+            if listener is not None:
+                seccomp.forget_listener()  # (for pid 2 in Python mode: see there)
         if sock.recv(16) != MSG_GO:  # EOF: tapbox died or gave up -> never run the command
             os._exit(EXIT_TAPBOX_FAILED)
         own = config.syscalls if config.syscalls is not None and \
@@ -154,7 +169,8 @@ def init_main(
         if not handover:
             sock.close()
         reaper.run(config.argv, env, libc, reaper.CommandSetup(
-            own, config.notify, sock if handover else None, config.rlimits))
+            own, config.notify, sock if handover else None, config.rlimits, program), mask)
+        return  # pid 2 in Python mode
     except SetupError as e:
         _report(sock, str(e))
     except BaseException as e:  # noqa: B036 - anything at all must end in _exit, never return
@@ -170,8 +186,15 @@ def _set_up(libc: Libc, config: SandboxConfig, plan: Plan,
     try:
         configure_links(host, config.network, config.mtu, config.ipv6)
         applied = mounts.apply(plan, libc, host)
-        with contextlib.suppress(OSError):  # the same directory, reached through the new mounts
-            os.chdir(os.getcwd())
+        if config.cwd is not None:
+            try:
+                os.chdir(config.cwd)
+            except OSError as e:
+                raise SetupError(f"tapbox: cannot enter the working directory {config.cwd!r} in "
+                                 f"the sandbox: {e.strerror}") from None
+        else:
+            with contextlib.suppress(OSError):  # the same directory, through the new mounts
+                os.chdir(os.getcwd())
     except BaseException:
         if tap_fd is not None:
             os.close(tap_fd)
@@ -220,6 +243,14 @@ def _lock_down(libc: Libc, config: SandboxConfig, plan: Plan) -> tuple[int | Non
     return installed.listener, notes
 
 
+def _own_name() -> str:
+    try:
+        with open("/proc/self/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return ""
+
+
 def _legacy_clone_nr() -> int | None:
     """clone(2)'s number, for where clone3 is refused with ENOSYS; libseccomp numbers it."""
     try:
@@ -230,18 +261,40 @@ def _legacy_clone_nr() -> int | None:
         return None
 
 
-def _close_inherited_fds(keep: int) -> None:
-    """Close every close-on-exec fd (tapbox's own: its record files, sockets, pipes) but
-    `keep`. Inheritable fds are the caller's to pass to the command, as any wrapper does."""
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd <= 2 or fd == keep:
-            continue
-        try:
-            if fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
-                os.close(fd)
-        except OSError:  # the directory's own fd, already closed
-            pass
+def _set_stdio(stdio: tuple[int | None, int | None, int | None]) -> None:
+    """Put the descriptors the caller chose on 0, 1 and 2 (the originals are closed next, being
+    close-on-exec). Copies first, so that (None, 2, 1) swaps stdout and stderr."""
+    copies = [None if fd is None else os.dup(fd) for fd in stdio]
+    for target, fd in enumerate(copies):
+        if fd is not None:
+            os.dup2(fd, target)
+            os.close(fd)
+
+
+def _drop_inherited_fds(sock: int, keep: set[int], neutralize: bool) -> None:
+    """Close every close-on-exec fd (tapbox's own: its record files, sockets, pipes; in a
+    library caller, anything it opened) but `sock` and those in `keep`, made inheritable.
+    Inheritable fds are the caller's to pass to the command, as any wrapper does.
+    `neutralize`: /dev/null takes each one's place instead (Python mode, see above)."""
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC) if neutralize else -1
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd <= 2 or fd in (null, sock):
+                continue
+            try:
+                if fd in keep:
+                    os.set_inheritable(fd, True)
+                elif fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                    if neutralize:
+                        os.dup2(null, fd, inheritable=False)
+                    else:
+                        os.close(fd)
+            except OSError:  # the directory's own fd, already closed
+                pass
+    finally:
+        if null >= 0:
+            os.close(null)
 
 
 def _report(sock: socket.socket, message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -14,9 +15,13 @@ if TYPE_CHECKING:  # the filter is built in the child: the parent need not impor
 
 @dataclass
 class SandboxConfig:
-    """What to run and how the sandbox looks from inside."""
+    """What to run and how the sandbox looks from inside.
 
-    argv: list[str]
+    `argv` is the command pid 2 execs; None: pid 2 is the calling Python program itself,
+    continuing inside the sandbox (`Sandbox.fork()` returns there, as os.fork() does).
+    """
+
+    argv: list[str] | None
     network: bool = True  # False = `-n`: only lo, no TAP (no engine), no resolv.conf
     mtu: int = DEFAULT_MTU
     root: bool = False  # --root: uid/gid 0 inside (fakeroot), else the caller's uid/gid numbers
@@ -39,3 +44,11 @@ class SandboxConfig:
     setenv: tuple[str, ...] = ()  # "VAR=VALUE"
     unsetenv: tuple[str, ...] = ()
     clearenv: bool = False
+    # The command's process, as subprocess.Popen sets it up: descriptors dup'ed onto its stdin,
+    # stdout and stderr (None: tapbox's own), descriptors it keeps besides those (`pass_fds`),
+    # its working directory (None: tapbox's; the project view makes it the writable one) and
+    # the environment the above changes start from (None: tapbox's own).
+    stdio: tuple[int | None, int | None, int | None] = (None, None, None)
+    pass_fds: tuple[int, ...] = ()
+    cwd: str | None = None
+    env: Mapping[str, str] | None = None

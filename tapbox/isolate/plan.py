@@ -289,12 +289,14 @@ def build(config: SandboxConfig, resolv_path: str | None, empty_file: str = "",
         if resolv is not None:
             ops.append(resolv)
         ops.append(FreshProc())
-        layered, sealed = rootfs.path_ops(config.filesystem.paths, os.getcwd(), empty_file)
+        layered, sealed = rootfs.path_ops(config.filesystem.paths, config.cwd or os.getcwd(),
+                                          empty_file)
         ops.extend(layered)
         ops.extend(records)
         ops.extend(ReadOnly(path, "hidden") for path in sealed)
         return Plan(tuple(ops))
-    host = facts if isinstance(facts, rootfs.HostFacts) else rootfs.HostFacts.collect(config.root)
+    host = facts if isinstance(facts, rootfs.HostFacts) else \
+        rootfs.HostFacts.collect(config.root, config.env, cwd=config.cwd)
     return rootfs.project_plan(config.filesystem, host, resolv, records)
 
 

@@ -38,6 +38,14 @@ could not send it itself: sendmsg is not in the policy) while the command waits 
 command execs once pid 1 says the listener is in tapbox's hands. If it cannot be handed over,
 pid 1 kills the command before it execs and says why (exit 125): violations would otherwise
 fail with ENOSYS instead of killing.
+
+Python mode (no argv: tapbox.call, tapbox.enter): pid 2 keeps the Python program's signal
+handlers (they are its own, not tapbox's), takes the resource limits, gets back the signal mask
+the program had, finds the environment made for it in os.environ, and returns from run(): the
+program goes on inside the sandbox. An allow-list policy is loaded last, as for a command, its
+listener handed over the same way, and the program goes on under it (there is no exec to let
+through): a function called with `--syscalls strict` computes, and is killed at its first
+file, socket or fork.
 """
 
 from __future__ import annotations
@@ -69,11 +77,14 @@ class CommandSetup(NamedTuple):
     notify: bool = True  # name violations (hand the listener over through `sock`)
     sock: socket.socket | None = None  # pid 1's control socket to tapbox, while it is needed
     rlimits: tuple[tuple[int, int], ...] = ()  # (RLIMIT_*, value), soft and hard
+    name: str = ""  # Python mode: the program's own name (comm), which pid 1 renamed
 
 
-def run(argv: list[str], env: dict[str, str], libc: Libc,
-        setup: CommandSetup | None = None) -> NoReturn:
-    """Fork and exec the command, then serve as pid 1 until it exits (every signal blocked)."""
+def run(argv: list[str] | None, env: dict[str, str], libc: Libc,
+        setup: CommandSetup | None = None, mask: set[signal.Signals] | None = None) -> None:
+    """Fork and exec the command, then serve as pid 1 until it exits (every signal blocked).
+    Never returns, except in pid 2 in Python mode (argv None); `mask` is the signal mask that
+    process gets back."""
     setup = setup or CommandSetup()
     early = _take_pending()
     handoff = os.pipe2(os.O_CLOEXEC) if setup.policy is not None else None  # command -> pid 1
@@ -86,6 +97,17 @@ def run(argv: list[str], env: dict[str, str], libc: Libc,
                                     "processes? see ulimit -u)\n"))
         os._exit(EXIT_TAPBOX_FAILED)
     if command == 0:  # pragma: no cover - the command's side: leaves through exec or _exit
+        if argv is None:
+            if setup.sock is not None:  # pid 1's, not the program's (no exec closes it here)
+                setup.sock.close()
+            if setup.name:
+                libc.set_name(setup.name)
+            _set_rlimits(setup.rlimits)
+            _continue(env, mask or set())
+            if setup.policy is not None:
+                assert handoff is not None and ack is not None
+                _confine(setup, handoff[1], ack[0])
+            return
         _restore_signals(libc)
         _set_rlimits(setup.rlimits)
         if setup.policy is None:
@@ -142,6 +164,13 @@ def _send(command: int, signo: int) -> None:
     # The command is our unreaped child: its pid cannot have been reused.
     with contextlib.suppress(ProcessLookupError):
         os.kill(command, signo)
+
+
+def _continue(env: dict[str, str], mask: set[signal.Signals]) -> None:
+    if dict(os.environ) != env:
+        os.environ.clear()
+        os.environ.update(env)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _exec(argv: list[str], env: dict[str, str]) -> NoReturn:
@@ -203,6 +232,28 @@ def _exec_confined(argv: list[str], env: dict[str, str], setup: CommandSetup, ha
         os.execve(exe, argv, env)
     except OSError as e:
         _exec_failed(argv, e)
+
+
+def _confine(setup: CommandSetup, handoff: int, ack: int) -> None:
+    """Python mode: load the allow list on this process, which then goes on under it (no exec:
+    the program is already running), its listener handed over as for a command."""
+    from tapbox.isolate import seccomp
+
+    assert setup.policy is not None
+    try:
+        installed = seccomp.install(setup.policy, notify=setup.notify)
+    except Exception as e:  # noqa: BLE001 - one line, then out
+        with contextlib.suppress(OSError):
+            os.write(2, os.fsencode(f"{e}\n"))
+        os._exit(EXIT_TAPBOX_FAILED)
+    if installed.listener is None:
+        os.write(handoff, b"-" + (installed.unnamed_because or "").encode()[:200])
+    else:
+        os.write(handoff, b"%d" % installed.listener)
+    if os.read(ack, 1) != b"G":
+        os._exit(EXIT_TAPBOX_FAILED)
+    for fd in (handoff, ack, *(() if installed.listener is None else (installed.listener,))):
+        os.close(fd)
 
 
 def _out_of_reach(fd: int) -> int:

@@ -87,9 +87,11 @@ class HostFacts(NamedTuple):
     home_mounts: tuple[str, ...]  # the mount points strictly below the home directory
 
     @classmethod
-    def collect(cls, root: bool, environ: dict[str, str] | None = None) -> HostFacts:
+    def collect(cls, root: bool, environ: Mapping[str, str] | None = None,
+                cwd: str | None = None) -> HostFacts:
+        """`environ`, `cwd`: the command's, when they are not tapbox's own (the Python API)."""
         env = os.environ if environ is None else environ
-        cwd = os.path.realpath(os.getcwd())
+        cwd = os.path.realpath(cwd or os.getcwd())
         home_given = env.get("HOME") or os.path.expanduser("~")
         home = os.path.realpath(home_given) if os.path.isabs(home_given) else None
         if home is not None and (home == "/" or not os.path.isdir(home)):

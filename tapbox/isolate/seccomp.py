@@ -129,6 +129,7 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "seccomp_rule_add_array": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
                                               ctypes.c_uint, ctypes.POINTER(_ArgCmp)]),
     "seccomp_load": (ctypes.c_int, [ctypes.c_void_p]),
+    "seccomp_reset": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_uint32]),
     "seccomp_export_pfc": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int]),
 }
 # The user-notification calls appeared in libseccomp 2.5: without them violations are refused
@@ -305,6 +306,17 @@ def install(policy: Policy, lib: Libseccomp | None = None, notify: bool = True,
             "forbids it)"
         )
     return Installed(None, why_unnamed if notify else None)
+
+
+def forget_listener(lib: Libseccomp | None = None) -> None:
+    """Make libseccomp forget the listener it made in this process (its global state: reset
+    with seccomp_reset(NULL), libseccomp >= 2.5.1), once that descriptor has been handed over
+    and closed. Otherwise a later install() here or in a fork of this process -- Python code
+    that goes on in the sandbox (tapbox.call, tapbox.enter) and makes a sandbox of its own --
+    would not ask the kernel for a new listener but be handed back the stale number."""
+    lib = lib or Libseccomp()
+    if lib.can_notify and lib.version >= (2, 5, 1):
+        lib.lib.seccomp_reset(None, 0)
 
 
 def _add_compat_arches(lib: Libseccomp, ctx: int) -> tuple[str, ...]:

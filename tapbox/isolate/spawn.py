@@ -118,7 +118,8 @@ class Sandbox:
               on_violation: Callable[[Violation], None] | None = None) -> Sandbox:
         """Fork the child and return once it is set up (TAP fd received) and waiting for start().
 
-        Call it before trio.run() or any thread starts, from the main thread.
+        Call it before trio.run() or any thread starts, from the main thread (or from a thread
+        that lives as long as the sandbox: see PR_SET_PDEATHSIG in tapbox.isolate.child).
         `meanwhile` runs in the parent while the child sets up (e.g. the engine's imports: the
         two overlap on a multi-core machine). Raises SetupError naming cause and fix.
         Refused system calls are answered by the sandbox's supervisor thread, which passes
@@ -126,8 +127,18 @@ class Sandbox:
         """
         if not config.argv:
             raise SetupError("tapbox: no command given: usage: tapbox [OPTIONS] -- CMD [ARGS...]")
+        sandbox = cls.fork(config, meanwhile, on_violation)
+        assert sandbox is not None  # only Python mode returns in the sandbox
+        return sandbox
+
+    @classmethod
+    def fork(cls, config: SandboxConfig, meanwhile: Callable[[], object] | None = None,
+             on_violation: Callable[[Violation], None] | None = None) -> Sandbox | None:
+        """spawn(), and with `config.argv` None (Python mode) it returns twice, as os.fork():
+        here with the Sandbox, and None in pid 2 of the sandbox once start() lets it go on."""
         uid, gid = os.getuid(), os.getgid()
         private: list[str] = []  # the files the child binds in: removed once it has
+        parent_pid = os.getpid()
         try:
             resolv_path = None
             if config.network:
@@ -138,13 +149,13 @@ class Sandbox:
                 empty_file = _private_file("", 0, "hidden", private)
             plan = plan_mod.build(config, resolv_path, empty_file)
             env = command_environment(
-                os.environ, project=config.filesystem.view == "project",
+                os.environ if config.env is None else config.env,
+                project=config.filesystem.view == "project",
                 runtime_dir=plan.runtime_dir, clearenv=config.clearenv,
                 unsetenv=config.unsetenv, setenv=config.setenv)
             parent_sock, child_sock = socket.socketpair(
                 socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
             )
-            parent_pid = os.getpid()
             try:
                 pid = os.fork()
             except OSError as e:
@@ -154,6 +165,7 @@ class Sandbox:
             if pid == 0:  # pragma: no cover - the child leaves through os._exit or exec
                 parent_sock.close()
                 child_main(config, plan, env, child_sock, parent_pid, uid, gid)
+                return None  # pid 2 in Python mode
             child_sock.close()
             # Our unreaped child: its pid cannot be reused before we wait for it.
             try:
@@ -180,8 +192,9 @@ class Sandbox:
             sandbox._private, private = private, []
             return sandbox
         finally:
-            # The child failed: the names are no longer needed.
-            for path in private:
+            # The child failed: the names are no longer needed (by the parent: pid 2 in Python
+            # mode leaves them).
+            for path in private if os.getpid() == parent_pid else ():
                 with contextlib.suppress(OSError):
                     os.unlink(path)
 
