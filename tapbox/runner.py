@@ -35,6 +35,7 @@ from tapbox.options import AllowRule, RunOptions
 if TYPE_CHECKING:
     from tapbox.audit import Audit
     from tapbox.eventlog import EventLog
+    from tapbox.isolate.layerdir import LayerDir
     from tapbox.learn import Learner
     from tapbox.pcap import PcapWriter
 
@@ -162,9 +163,30 @@ def _open_recording(command: Sequence[str], options: RunOptions) -> Recording:
 
 def run(command: Sequence[str], options: RunOptions) -> int:
     """Run `command` as `options` say (validated: RunOptions.from_layers or .validate());
-    returns the exit status. Raises TapboxError if tapbox fails before the command runs."""
+    returns the exit status. Raises TapboxError if tapbox fails before the command runs.
+    In the copy-on-write view, the layer is then kept, committed or discarded
+    (tapbox.review)."""
+    if options.filesystem.view != "overlay":
+        return _run(command, options, None)
+    from tapbox.isolate.layerdir import LayerDir
+
+    fs = options.filesystem
+    layer = LayerDir.create(fs.changes_dir, command, os.getcwd())
+    try:
+        status = _run(command, options, layer)
+    except BaseException:
+        if layer.meta.get("runs") == 1 and fs.changes_dir is None:
+            layer.remove()  # nothing ran: nothing to keep
+        raise
+    layer.finish(status)
+    from tapbox.review import at_exit
+
+    return at_exit(layer, fs.on_exit, status)
+
+
+def _run(command: Sequence[str], options: RunOptions, layer: LayerDir | None) -> int:
     if not options.network.enabled:
-        return _run_sandbox(command, options, network=False)
+        return _run_sandbox(command, options, network=False, layer=layer)
     try:
         rules = load_rules(options.network.allowlists, options.network.allow)
     except AllowlistError as exc:
@@ -175,13 +197,15 @@ def run(command: Sequence[str], options: RunOptions) -> int:
     if not rules and not options.record.audit_mode and options.record.report != "quiet":
         print("tapbox: the allowlist is empty: no network access is allowed", file=sys.stderr)
     try:
-        return _run_sandbox(command, options, network=True, rules=rules, recording=recording)
+        return _run_sandbox(command, options, network=True, rules=rules, recording=recording,
+                            layer=layer)
     finally:
         recording.close()
 
 
 def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
-                 rules: list[Rule] | None = None, recording: Recording | None = None) -> int:
+                 rules: list[Rule] | None = None, recording: Recording | None = None,
+                 layer: LayerDir | None = None) -> int:
     upstreams = _upstreams(options) if network else []
     host: list[str] = []  # the host's own addresses, guarded like its loopback
 
@@ -207,7 +231,7 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
                                               ipv6=ipv6_enabled, resolv_conf=resolv,
                                               read_only_files=recording.paths(options)
                                               if recording else (),
-                                              filesystem=options.filesystem,
+                                              filesystem=options.filesystem, layer=layer,
                                               setenv=env.setenv, unsetenv=env.unsetenv,
                                               clearenv=env.clearenv),
                                 meanwhile=meanwhile if network else None)
@@ -225,7 +249,7 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
             import trio
 
             status = trio.run(_serve, sandbox, rules or [], upstreams, command, options,
-                              ipv6_enabled, recording or Recording(), host)
+                              ipv6_enabled, recording or Recording(), host, layer)
         _say_discarded(sandbox)
         return status
     finally:
@@ -267,7 +291,7 @@ def _say_discarded(sandbox: Sandbox) -> None:
 
 async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str, int]],
                  command: Sequence[str], options: RunOptions, ipv6: bool,
-                 recording: Recording, host: list[str]) -> int:
+                 recording: Recording, host: list[str], layer: LayerDir | None = None) -> int:
     import trio
 
     from netstack.iface import InterfaceConfig
@@ -345,6 +369,10 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
             from tapbox.dropreasons import summarize
 
             audit.say(summarize(drops))
+        if layer is not None and recording.log is not None:
+            from tapbox.review import log_changes
+
+            log_changes(layer, recording.log)
         _finish(audit, recording, status, drops)
     return _learn(audit, recording, status)
 

@@ -386,7 +386,8 @@ def test_environment_options(run_tapbox: RunTapbox, world: World) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--fs", "overlay"], "argument --fs: invalid choice: 'overlay'"),
+    (["--fs", "cow"], "argument --fs: invalid choice: 'cow'"),
+    (["--on-exit", "keep"], "--on-exit is for the copy-on-write view: add --fs overlay"),
     (["--setenv", "NOVALUE"], "--setenv 'NOVALUE': expected VAR=VALUE"),
     (["--unsetenv", "A=B"], "--unsetenv 'A=B': a variable name cannot contain '='"),
     (["--write", ""], "--write: empty path"),

@@ -37,6 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from tapbox.errors import SetupError
+from tapbox.isolate.layerdir import LayerDir, changes_root
 from tapbox.isolate.plan import (
     Bind,
     BindFile,
@@ -46,6 +47,8 @@ from tapbox.isolate.plan import (
     FreshSysfs,
     Hide,
     HomeOverlay,
+    KeptLayer,
+    KeptOverlay,
     NewRoot,
     Op,
     PivotRoot,
@@ -85,9 +88,14 @@ class HostFacts(NamedTuple):
     # (resolved path, is a directory, the path as the list names it) of each that exists
     secrets: tuple[tuple[str, bool, str], ...]
     home_mounts: tuple[str, ...]  # the mount points strictly below the home directory
+    # The copy-on-write view: every mount point, and the top-level directories tapbox may
+    # read (the others stay read-only, as the host protects them).
+    mounts: tuple[str, ...] = ()
+    readable: frozenset[str] = frozenset()
 
     @classmethod
-    def collect(cls, root: bool, environ: dict[str, str] | None = None) -> HostFacts:
+    def collect(cls, root: bool, environ: dict[str, str] | None = None,
+                overlay: bool = False) -> HostFacts:
         env = os.environ if environ is None else environ
         cwd = os.path.realpath(os.getcwd())
         home_given = env.get("HOME") or os.path.expanduser("~")
@@ -113,11 +121,20 @@ class HostFacts(NamedTuple):
                 elif entry.is_file(follow_symlinks=False):
                     top.append(Entry(entry.name, "file"))
         top.sort(key=lambda e: e.name)
+        mounts: tuple[str, ...] = ()
+        readable: frozenset[str] = frozenset()
+        if overlay:
+            from tapbox.isolate.mounts import mount_points
+
+            mounts = tuple(sorted(set(mount_points())))
+            readable = frozenset(e.name for e in top if e.kind == "dir" and
+                                 os.access("/" + e.name, os.R_OK | os.X_OK))
         return cls(cwd=cwd, home=home, home_layer=home_layer, runtime_dir=runtime_dir,
                    top=tuple(top),
                    devices=tuple(d for d in DEVICES if os.path.lexists(d)),
                    secrets=tuple(existing_secrets(read_secrets(), home and home_given)),
-                   home_mounts=tuple(mounts_below(home)) if home_layer and home else ())
+                   home_mounts=tuple(mounts_below(home)) if home_layer and home else (),
+                   mounts=mounts, readable=readable)
 
 
 def read_secrets(path: str = SECRETS_FILE) -> list[str]:
@@ -156,15 +173,15 @@ def mounts_below(directory: str) -> list[str]:
     return sorted({p for p in mount_points() if p.startswith(prefix)})
 
 
-def copy_on_write(directory: str, mounts: Sequence[str]) -> list[Op]:
+def copy_on_write(directory: str, mounts: Sequence[str], kept: bool = False) -> list[Op]:
     """Overlays that make `directory` copy-on-write. The kernel refuses an overlay in a user
     namespace whose lower directory has mounts below it that the namespace did not make
     (revealing what they cover): then `directory` is bound read-only with its mounts, and each
     directory in it with no mount point inside gets an overlay of its own (recursively); the
     mount points, and the files directly in such a directory, stay read-only."""
     below = [m for m in mounts if m.startswith(directory + "/")]
-    if not below:
-        return [HomeOverlay(directory)]  # (numbered once the layers are known)
+    if not below:  # (numbered once the layers are known)
+        return [KeptOverlay(directory) if kept else HomeOverlay(directory)]
     ops: list[Op] = [Bind(directory, directory, writable=False,
                           purpose="copy-on-write below it: something is mounted in it")]
     try:
@@ -176,20 +193,28 @@ def copy_on_write(directory: str, mounts: Sequence[str]) -> list[Op]:
         path = os.path.join(directory, name)
         if path in below:
             continue  # a mount point: read-only, with what is mounted in it
-        ops.extend(copy_on_write(path, below))
+        ops.extend(copy_on_write(path, below, kept))
     return ops
 
 
 def project_plan(fs: FilesystemOptions, host: HostFacts, resolv: BindFile | None,
-                 records: Sequence[Op]) -> Plan:
-    """The project view's operations (see the module's docstring for the order)."""
+                 records: Sequence[Op], kept: LayerDir | None = None) -> Plan:
+    """The project view's operations (see the module's docstring for the order); with
+    `kept` (the layer directory), the copy-on-write view's."""
+    overlay = fs.view == "overlay"
+    if overlay and kept is None:
+        raise SetupError("tapbox: internal error: the copy-on-write view needs a layer")
     ops: list[Op] = [NewRoot()]
+    if kept is not None:
+        ops.append(KeptLayer(kept.path))
     for entry in host.top:
         if entry.name in REPLACED:
             continue
         path = "/" + entry.name
         if entry.kind == "symlink":
             ops.append(Symlink(entry.target, path))
+        elif overlay and entry.name in host.readable:
+            ops.extend(copy_on_write(path, host.mounts, kept=True))
         else:
             ops.append(Bind(path, path, writable=False, directory=entry.kind == "dir"))
     ops.append(Tmpfs("/dev", 0o755, "a minimal /dev"))
@@ -203,12 +228,24 @@ def project_plan(fs: FilesystemOptions, host: HostFacts, resolv: BindFile | None
     ops.append(Tmpfs("/run", 0o755, "empty"))
 
     layers: list[Op] = []
-    if host.home_layer and host.home is not None:
-        layers.extend(copy_on_write(host.home, host.home_mounts))
-    notice = cwd_notice(host, fs.paths)
-    if notice is None:
-        layers.append(Bind(host.cwd, host.cwd, writable=True, purpose="the working directory"))
+    if overlay:  # the home and the working directory, where the view replaced their tops
+        notice = cwd_notice(host, fs.paths, overlay=True)
+        for path in dict.fromkeys((host.home if host.home_layer else None,
+                                   None if notice else host.cwd)):
+            if path is not None and _top(path) in ("tmp", "run") and path.count("/") > 1:
+                layers.extend(copy_on_write(path, host.mounts, kept=True))
+    else:
+        if host.home_layer and host.home is not None:
+            layers.extend(copy_on_write(host.home, host.home_mounts))
+        notice = cwd_notice(host, fs.paths)
+        if notice is None:
+            layers.append(Bind(host.cwd, host.cwd, writable=True,
+                               purpose="the working directory"))
     layers.append(Tmpfs(host.runtime_dir, 0o700, "$XDG_RUNTIME_DIR, empty"))
+    if kept is not None:  # the layers themselves: out of the sandbox's sight and reach
+        for path in dict.fromkeys((os.path.realpath(changes_root()), kept.path)):
+            if os.path.isdir(path):
+                layers.append(Hide(path, True, 0, "", "the copy-on-write layers"))
     secrets = [hide_op(path, is_dir, "", "a secret") for path, is_dir, _ in host.secrets]
     names = {path: named for path, _d, named in host.secrets}
     layered = layer([*layers, *secrets], fs.paths, host.cwd, "", secrets, names)
@@ -218,6 +255,12 @@ def project_plan(fs: FilesystemOptions, host: HostFacts, resolv: BindFile | None
     numbered = iter(overlays)  # layer N's directory is N/ on the layers' tmpfs
     layered = [next(numbered) if isinstance(op, HomeOverlay) else op for op in layered]
     ops.extend(layered)
+    modes: dict[int, int] = {}
+    if kept is not None:  # layer N's upper directory is upper/N of the layer directory
+        for i, op in enumerate(ops):
+            if isinstance(op, KeptOverlay):
+                ops[i] = KeptOverlay(op.path, kept.number(op.path))
+                modes[ops[i].layer] = _mode(op.path)
     if resolv is not None:
         ops.append(resolv)
     ops.extend(records)
@@ -228,16 +271,29 @@ def project_plan(fs: FilesystemOptions, host: HostFacts, resolv: BindFile | None
     ops.append(PivotRoot(host.cwd))
     return Plan(tuple(ops), notices=() if notice is None else (notice,),
                 runtime_dir=host.runtime_dir, home=host.home if overlays else None,
-                layers=tuple(op.path for op in overlays))
+                layers=tuple(op.path for op in overlays), kept=tuple(modes.items()))
 
 
-def cwd_notice(host: HostFacts, rules: Sequence[PathRule]) -> str | None:
-    """None if the working directory is made writable, else the one line that says why not
-    (no line when a --write already covers it)."""
+def _mode(path: str) -> int:
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o755
+
+
+def cwd_notice(host: HostFacts, rules: Sequence[PathRule], overlay: bool = False) -> str | None:
+    """None if the working directory is made writable (copy-on-write, in the overlay view),
+    else the one line that says why not (no line when a --write already covers it)."""
     cwd, home = host.cwd, host.home
     if any(rule.action == "write" and _covers(resolve(rule.path, cwd), cwd) for rule in rules):
         return None
     shown = display(cwd, home)
+    if overlay:
+        if _top(cwd) in ("dev", "proc", "sys") or cwd in ("/tmp", "/run") or \
+                _covers(host.runtime_dir, cwd):
+            return (f"the working directory {shown} is the sandbox's own, not the host's: "
+                    f"share the host's with --write {shown}")
+        return None
     if cwd == "/":
         return (f"the working directory {shown} is not made writable (the sandbox sees the "
                 "host read-only): name what the command may write with --write PATH")
@@ -366,8 +422,8 @@ def _replaces(op: Op, path: str) -> bool:
     mounts), so that what was there before can no longer be seen."""
     own = _path(op)
     if own == path:
-        return isinstance(op, Bind | Tmpfs | Hide | HomeOverlay)
-    subtree = isinstance(op, Tmpfs | HomeOverlay) or (isinstance(op, Hide | Bind)
+        return isinstance(op, Bind | Tmpfs | Hide | HomeOverlay | KeptOverlay)
+    subtree = isinstance(op, Tmpfs | HomeOverlay | KeptOverlay) or (isinstance(op, Hide | Bind)
                                                      and op.directory)
     return subtree and _covers(own, path)
 
