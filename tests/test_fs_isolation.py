@@ -194,7 +194,8 @@ def test_the_default_view(run_tapbox: RunTapbox, world: World) -> None:
     assert not (home / ".cache-file").exists()
     assert ("tapbox: 2 files written in your home were discarded (~/.bashrc: 1, ~/.cache-file: "
             "1): the sandbox's home is copy-on-write; keep such changes next time with --write "
-            "~/.bashrc") in proc.stderr, proc.stderr
+            "~/.bashrc, or review them before they are kept with --fs overlay") in proc.stderr, \
+        proc.stderr
     assert found["key"] in ("EACCES", "ENOENT"), found  # hidden: an empty, closed directory
     # the working directory is the host's, writable
     assert found["cwd"] == str(proj) and found["proj_write"] == "ok"

@@ -230,10 +230,12 @@ def project_plan(fs: FilesystemOptions, host: HostFacts, resolv: BindFile | None
     layers: list[Op] = []
     if overlay:  # the home and the working directory, where the view replaced their tops
         notice = cwd_notice(host, fs.paths, overlay=True)
-        for path in dict.fromkeys((host.home if host.home_layer else None,
-                                   None if notice else host.cwd)):
-            if path is not None and _top(path) in ("tmp", "run") and path.count("/") > 1:
+        done: list[str] = []
+        for path in (host.home if host.home_layer else None, None if notice else host.cwd):
+            if path is not None and _top(path) in ("tmp", "run") and path.count("/") > 1 and \
+                    not any(_covers(d, path) for d in done):
                 layers.extend(copy_on_write(path, host.mounts, kept=True))
+                done.append(path)
     else:
         if host.home_layer and host.home is not None:
             layers.extend(copy_on_write(host.home, host.home_mounts))
