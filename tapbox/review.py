@@ -101,7 +101,12 @@ def at_exit(layer: LayerDir, on_exit: str, status: int,
     if action == "ask":
         inp = stdin or sys.stdin
         if _interactive(inp, err):
-            action = ask(layer, changes, inp, err)
+            try:
+                _take_terminal(inp)
+                action = ask(layer, changes, inp, err)
+            except (KeyboardInterrupt, EOFError, OSError):  # Ctrl-C at the prompt: keep it
+                err.write("\n")
+                action = "keep"
         else:
             action = "keep"
     if action == "commit":
@@ -131,6 +136,22 @@ def _interactive(inp: TextIO, err: TextIO) -> bool:
         return inp.isatty() and err.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def _take_terminal(inp: TextIO) -> None:
+    """Be the terminal's foreground process group again (a shell in the sandbox may have left
+    its own there), so that reading the answer does not stop tapbox with SIGTTIN."""
+    import os
+    import signal
+
+    fd = inp.fileno()
+    if os.tcgetpgrp(fd) == os.getpgrp():
+        return
+    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        os.tcsetpgrp(fd, os.getpgrp())
+    finally:
+        signal.signal(signal.SIGTTOU, old)
 
 
 def summary(changes: Changes) -> list[str]:

@@ -17,7 +17,7 @@ import pytest
 from tapbox.isolate import layerdir
 from tapbox.isolate.changes import OPAQUE_XATTR, read_changes, select
 from tapbox.isolate.commit import commit
-from tapbox.review import describe
+from tapbox.review import counts, describe
 
 
 def make_layer(tmp_path: Path) -> tuple[layerdir.LayerDir, Path, Path]:
@@ -244,3 +244,19 @@ def test_a_layer_deeper_than_the_limit_is_reported_not_walked_forever(tmp_path: 
     os.close(fd)
     found = read_changes(layer)
     assert "deeper than" in found.incomplete
+
+
+def test_a_file_copied_up_unchanged_is_not_shown_and_not_written(tmp_path: Path) -> None:
+    """A file opened for writing and left as it was (a lock file) is copied up by overlayfs:
+    not a change to show, and a commit only takes it out of the layer."""
+    layer, host, upper = make_layer(tmp_path)
+    st = (host / "same.txt").stat()
+    (upper / "same.txt").write_text("unchanged\n")
+    os.utime(upper / "same.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    (upper / "added.txt").write_text("x\n")
+    assert set(kinds(layer)) == {f"{host}/added.txt"}
+    assert counts(read_changes(layer)).startswith("1 added, ")
+    ino = (host / "same.txt").stat().st_ino
+    assert commit(layer, read_changes(layer).items).ok
+    assert (host / "same.txt").stat().st_ino == ino  # not rewritten
+    assert os.listdir(upper) == []

@@ -28,7 +28,7 @@ from typing import Any
 
 import fakenet as fn
 import pytest
-from conftest import REPO_ROOT, RunTapbox, setpriv_prefix, tapbox_env
+from conftest import RunTapbox, setpriv_prefix, tapbox_env
 from test_e2e import NOBODY, rootless_problems
 
 SHORT = 60.0
@@ -88,6 +88,11 @@ def world(request: pytest.FixtureRequest) -> Iterator[World]:
 @pytest.fixture
 def root_world() -> Iterator[World]:
     yield from _world(None)
+
+
+@pytest.fixture
+def nobody_world() -> Iterator[World]:
+    yield from _world(NOBODY)
 
 
 def _world(user: int | None) -> Iterator[World]:
@@ -415,4 +420,46 @@ def test_commands_of_the_layers_need_one(root_world: World) -> None:
     assert "no layer 'no-such-layer'" in proc.stderr
     proc = tapbox_cli(root_world, "changes", expect=0)
     assert "no kept layers" in proc.stderr
-    _ = REPO_ROOT
+
+
+# ------------------------------------------------------------------------------------------------
+# Installing packages (the mbox use case)
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="not a Debian system: no dpkg")
+def test_dpkg_installs_into_the_layer_and_a_continued_layer_uses_it(run_tapbox: RunTapbox,
+                                                                    root_world: World) -> None:
+    """As root (the suite runs as root): a package built here is installed into the layer,
+    the host's /usr and dpkg database untouched; a second run on the same layer runs it."""
+    world = root_world
+    pkg = world.root / "pkg"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "usr" / "bin").mkdir(parents=True)
+    (pkg / "DEBIAN" / "control").write_text(
+        "Package: tapbox-test-hello\nVersion: 1.0\nArchitecture: all\n"
+        "Maintainer: tests <tests@example.com>\nDescription: tapbox's test package\n")
+    tool = pkg / "usr" / "bin" / "tapbox-test-hello"
+    tool.write_text("#!/bin/sh\necho hello from the layer\n")
+    tool.chmod(0o755)
+    subprocess.run(["dpkg-deb", "-b", str(pkg), str(world.proj / "hello.deb")], check=True,
+                   capture_output=True)
+    status = Path("/var/lib/dpkg/status").read_bytes()
+    layer = world.root / "layer"
+    sandbox(run_tapbox, world, "dpkg -i hello.deb >/dev/null", "--root", "--changes-dir",
+            str(layer))
+    assert not Path("/usr/bin/tapbox-test-hello").exists()
+    assert Path("/var/lib/dpkg/status").read_bytes() == status
+    proc = sandbox(run_tapbox, world, "tapbox-test-hello", "--changes-dir", str(layer))
+    assert proc.stdout == "hello from the layer\n"
+    listing = tapbox_cli(world, "changes", str(layer)).stdout
+    assert "A file    /usr/bin/tapbox-test-hello (36 bytes)" in listing
+    assert "M file    /var/lib/dpkg/status" in listing
+
+
+def test_root_without_privileges_says_what_it_cannot_do(run_tapbox: RunTapbox,
+                                                        nobody_world: World) -> None:
+    world = nobody_world
+    proc = sandbox(run_tapbox, world, "touch /usr/bin/tapbox-test; echo $?", "--root")
+    assert "tapbox: --root --fs overlay: the sandbox's root cannot write the host's " \
+           "root-owned directories" in proc.stderr
+    assert proc.stdout.strip() != "0" and not Path("/usr/bin/tapbox-test").exists()

@@ -12,7 +12,9 @@ followed. Each entry of the layer becomes a `Change`, in the order a commit appl
   entries that the layer does not have are "deleted" (one Change each, for the whole subtree);
 - an entry the host does not have: "added" (a directory's contents then all are "added");
 - an entry the host has: "modified", with what changed in `detail` (content, mode, type, link
-  target, or only the time); a directory is listed only when its mode changed.
+  target, or only the time); one with nothing changed (a directory copied up on the way to a
+  change below it, a file opened for writing and left as it was) has no detail and is not
+  shown (a commit only takes it out of the layer).
 
 The layer was written by the sandbox: its names may hold any byte but "/" and NUL (they are
 str with surrogate escapes here, and escaped by whoever shows them: tapbox.textescape), its
@@ -76,8 +78,9 @@ class Changes:
 
 
 def shown(change: Change) -> bool:
-    return change.what != "gone" and not (change.what == "dir" and change.kind == "modified"
-                                          and not change.detail)
+    """Not a whiteout of nothing, not an entry identical to the host's (a directory copied up
+    on the way to a change below it, a file opened for writing and left as it was)."""
+    return change.what != "gone" and not (change.kind == "modified" and not change.detail)
 
 
 def kind_of(mode: int) -> str:
@@ -260,7 +263,9 @@ def _difference(st: os.stat_result, hst: os.stat_result, name: str, fd: int, hos
             return "content"
     if stat.S_IMODE(st.st_mode) != stat.S_IMODE(hst.st_mode):
         return "mode"
-    return "time"
+    if st.st_mtime_ns != hst.st_mtime_ns:
+        return "time"
+    return ""  # copied up (opened for writing) but unchanged: not shown
 
 
 def _same_content(name: str, fd: int, host: int | None, size: int) -> bool:

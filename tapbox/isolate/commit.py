@@ -99,6 +99,9 @@ def commit(layer: LayerDir, items: Iterable[Change], force: bool = False) -> Res
     # Deletions first, then the rest in order (a directory before what is in it).
     ordered = [c for c in todo if c.kind == "deleted"] + [c for c in todo if c.kind != "deleted"]
     for change in ordered:
+        if change.kind == "modified" and not change.detail and change.what != "dir":
+            _forget(layer, change)  # the same as the host's: nothing to write
+            continue
         if change.what == "dir" and change.kind != "deleted" and \
                 any(b.startswith(change.path + "/") for b in blocked) and change.opaque:
             # an opaque directory whose dropped entries are in conflict: do not replace it
@@ -130,8 +133,9 @@ def commit(layer: LayerDir, items: Iterable[Change], force: bool = False) -> Res
 
 def _check(layer: LayerDir, change: Change) -> None:
     """Raise Conflict if the host entry changed after the run started."""
-    if change.what == "gone":
-        return
+    if change.what == "gone" or (change.kind == "modified" and not change.detail
+                                 and change.what != "dir"):
+        return  # nothing to write
     parent, name = _host_parent(layer, change, create=False)
     if parent is None:
         return  # the host has no directory there: nothing changed that could be lost
