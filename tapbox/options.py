@@ -277,8 +277,9 @@ class RunOptions:
         for path, used in (("filesystem.changes_dir", fs.changes_dir is not None),
                            ("filesystem.on_exit", fs.on_exit != "ask")):
             if used and fs.view != "overlay":
-                raise fail(path, f"{name(path)} is for the copy-on-write view: add "
-                                 f"{name('filesystem.view')} overlay")
+                add = "--fs overlay" if name(path).startswith("--") else \
+                    'filesystem.view = "overlay"'
+                raise fail(path, f"{name(path)} is for the copy-on-write view: add {add}")
         if fs.changes_dir is not None and ("\0" in fs.changes_dir or not fs.changes_dir):
             raise fail("filesystem.changes_dir", f"{name('filesystem.changes_dir')}: not a path")
         env = self.environment
