@@ -7,9 +7,11 @@ out of the tree, device nodes, setuid files, names with newlines and escape sequ
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -260,3 +262,48 @@ def test_a_file_copied_up_unchanged_is_not_shown_and_not_written(tmp_path: Path)
     assert commit(layer, read_changes(layer).items).ok
     assert (host / "same.txt").stat().st_ino == ino  # not rewritten
     assert os.listdir(upper) == []
+
+
+def few_descriptors(limit: int = 256) -> Iterator[None]:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(limit, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_discarding_a_very_deep_layer(tmp_path: Path) -> None:
+    """Deeper than Python's recursion limit and the descriptor limit: removed all the same."""
+    layer, _host, upper = make_layer(tmp_path)
+    fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(1200):
+        os.mkdir("d", dir_fd=fd)
+        os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd))
+        new = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = new
+    os.chmod(".", 0, dir_fd=fd)  # as overlayfs leaves its work directory
+    os.close(fd)
+    with contextlib.contextmanager(few_descriptors)():
+        layer.remove()
+    assert not Path(layer.path).exists()
+
+
+def test_a_wide_host_directory_to_delete_is_checked_with_few_descriptors(tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    wide = host / "olddir"
+    wide.mkdir(parents=True)
+    for i in range(400):
+        (wide / f"d{i}").mkdir()
+    time.sleep(0.05)
+    layer = layerdir.LayerDir.create(str(tmp_path / "layer"), ["cmd"], str(host))
+    number = layer.number(str(host))
+    layer.prepare([number], {number: 0o755})
+    whiteout(Path(layer.upper(number)) / "olddir")
+    with contextlib.contextmanager(few_descriptors)():
+        result = commit(layer, read_changes(layer).items)
+    assert result.ok, result.lines()
+    assert not wide.exists()

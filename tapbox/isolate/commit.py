@@ -94,6 +94,9 @@ def commit(layer: LayerDir, items: Iterable[Change], force: bool = False) -> Res
             except Conflict as exc:
                 result.conflicts.append((change, str(exc)))
                 continue
+            except OSError as exc:  # cannot tell whether it changed: leave it
+                result.failed.append((change, f"checking it: {exc.strerror or exc}"))
+                continue
         todo.append(change)
     blocked = [c.path for c, _ in (*result.conflicts, *result.refused)]
     # Deletions first, then the rest in order (a directory before what is in it).
@@ -164,16 +167,22 @@ def _check(layer: LayerDir, change: Change) -> None:
 
 
 def _newer_below(parent: int, name: str, baseline: int) -> str:
-    """The first entry below directory `name` changed after `baseline` ("" if none)."""
+    """The first entry below directory `name` changed after `baseline` ("" if none). Holds
+    two descriptors at a time: the directories still to look at are kept as paths."""
     try:
         top = os.open(name, DIR_FLAGS, dir_fd=parent)
     except OSError:
         return ""
-    stack = [(top, name)]
+    todo = [""]
     seen = 0
     try:
-        while stack:
-            fd, where = stack.pop()
+        while todo:
+            rel = todo.pop()
+            where = f"{name}/{rel}" if rel else name
+            try:
+                fd = open_path(rel, DIR_FLAGS, dir_fd=top) if rel else os.dup(top)
+            except OSError:
+                return f"{where} (unreadable)"
             try:
                 for entry in os.scandir(fd):
                     seen += 1
@@ -183,16 +192,11 @@ def _newer_below(parent: int, name: str, baseline: int) -> str:
                     if st.st_ctime_ns >= baseline:
                         return f"{where}/{entry.name}"
                     if entry.is_dir(follow_symlinks=False):
-                        try:
-                            stack.append((os.open(entry.name, DIR_FLAGS, dir_fd=fd),
-                                          f"{where}/{entry.name}"))
-                        except OSError:
-                            return f"{where}/{entry.name} (unreadable)"
+                        todo.append(f"{rel}/{entry.name}" if rel else entry.name)
             finally:
                 os.close(fd)
     finally:
-        for fd, _w in stack:
-            os.close(fd)
+        os.close(top)
     return ""
 
 

@@ -267,9 +267,10 @@ def all_layers(environ: Mapping[str, str] | None = None) -> Iterator[LayerDir | 
 
 
 def remove_tree(dir_fd: int, name: str) -> None:
-    """Remove `name` in `dir_fd` and everything below it, never following a symlink. The
-    work directory overlayfs leaves behind holds a directory of mode 0000: it is made
-    writable first."""
+    """Remove `name` in `dir_fd` and everything below it, never following a symlink, holding
+    one descriptor at a time however deep the tree (a layer the sandbox made may nest
+    directories thousands deep). The work directory overlayfs leaves behind holds a directory
+    of mode 0000: directories are made writable first."""
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -277,13 +278,38 @@ def remove_tree(dir_fd: int, name: str) -> None:
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dir_fd)
         return
-    if stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
-        os.chmod(name, 0o700, dir_fd=dir_fd, follow_symlinks=False)
+    _writable_dir(name, st, dir_fd)
     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                  dir_fd=dir_fd)
+    below: list[str] = []  # the names from `name` down to where fd is
     try:
-        for entry in list(os.scandir(fd)):
-            remove_tree(fd, entry.name)
+        while True:
+            subdir = None
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        subdir = subdir or entry
+                    else:
+                        os.unlink(entry.name, dir_fd=fd)
+            if subdir is not None:  # down into it
+                _writable_dir(subdir.name, subdir.stat(follow_symlinks=False), fd)
+                child = os.open(subdir.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                | os.O_CLOEXEC, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                below.append(subdir.name)
+                continue
+            if not below:
+                break
+            parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            os.rmdir(below.pop(), dir_fd=fd)  # empty now: up again
     finally:
         os.close(fd)
     os.rmdir(name, dir_fd=dir_fd)
+
+
+def _writable_dir(name: str, st: os.stat_result, dir_fd: int) -> None:
+    if stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
+        os.chmod(name, 0o700, dir_fd=dir_fd, follow_symlinks=False)
