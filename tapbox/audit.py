@@ -18,6 +18,11 @@ answer, `say(text)` for anything else. `Audit` fans each report out to the sinks
   or with --summary;
 - the learner (tapbox.learn, `--learn`).
 
+The sandbox's processes report here too: `syscall_refused(violation)` for every system call the
+seccomp policy refused (tapbox.isolate.supervisor names the process and the call; stderr once
+per process name, call and outcome, the log every time), and the run's end says whether
+`--timeout` killed the sandbox.
+
 Attribution (tapbox.attribution) fills `record.process` a little after the flow starts. While
 it is under way (`record.attributing`), the flow's start and end are held back and released by
 `flow_attributed()`, so every sink sees a flow's start, with its process, before its end.
@@ -37,13 +42,15 @@ from tapbox.textescape import escape
 if TYPE_CHECKING:
     from tapbox.dns import DnsEvent
     from tapbox.eventlog import EventLog
+    from tapbox.isolate.supervisor import Violation
     from tapbox.learn import Learner
     from tapbox.summary import Summary
 
 SummaryMode = Literal["auto", "always", "never"]
 AUDIT_RULE_TEXT = "no rule (audit)"  # the text of tapbox.auditpolicy.WOULD_DENY
 
-# Destinations whose denial was reported on stderr, remembered to report each once.
+# Destinations whose denial was reported on stderr, remembered to report each once; the same
+# for refused system calls (by process name, call and outcome).
 MAX_DENIED_REMEMBERED = 4096
 # Per-event lines on stderr: a burst, then a steady rate (lines per second); -v gets more.
 LINE_BURST, LINE_RATE = 20, 5.0
@@ -94,6 +101,9 @@ class Audit:
         self.denied_count = 0
         self.allowed_count = 0
         self.would_deny_count = 0
+        self.syscalls_refused = 0
+        self._refusals_seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self.timed_out: float | None = None  # --timeout's seconds, once it killed the sandbox
 
     # ----- what the engine and DNS report -------------------------------------------------------
 
@@ -158,6 +168,28 @@ class Audit:
                 self._event_line(f"dns {name} {qtype} -> {answers} "
                                  f"(rule {escape(event.rule)})")
 
+    # ----- the sandbox's processes ---------------------------------------------------------------
+
+    def syscall_refused(self, violation: Violation) -> None:
+        """A system call the policy refused (or killed its process for)."""
+        v = violation
+        self.syscalls_refused += 1
+        self._log({"event": "syscall", "time": round(v.time, 6), "pid": v.pid, "comm": v.comm,
+                   "cmdline": list(v.cmdline), "syscall": v.syscall, "arch": v.arch,
+                   "action": v.action, "policy": v.policy})
+        killed = v.action == "killed"
+        if self.verbose or ((killed or not self.quiet)
+                            and _remember(self._refusals_seen, (v.comm, v.syscall, v.action))):
+            self._event_line(v.describe())
+
+    def timeout(self, seconds: float) -> None:
+        """--timeout ran out: the sandbox has been killed."""
+        self.timed_out = seconds
+        text = (f"the command ran out of time (--timeout {_seconds(seconds)}): the whole sandbox "
+                f"was killed")
+        self._print(text)
+        self._log({"event": "message", "time": round(time.time(), 6), "text": text})
+
     # ----- the run's beginning and end ----------------------------------------------------------
 
     def run_started(self, **fields: Any) -> None:
@@ -179,6 +211,10 @@ class Audit:
                                  "would_deny": self.would_deny_count}
         if drops:
             event["dropped"] = dict(sorted(drops.items()))  # the stack's own reason names
+        if self.syscalls_refused:
+            event["syscalls_refused"] = self.syscalls_refused
+        if self.timed_out is not None:
+            event["timed_out"] = self.timed_out
         self._log(event)
         if self.log is not None:
             self.log.close()
@@ -195,13 +231,16 @@ class Audit:
         self.flush_suppressed()
         for line in self.summary_lines():
             self._print(line, prefix="")
+        if self.timed_out is not None:  # whatever the report mode: it explains the status
+            self._print(f"killed after --timeout {_seconds(self.timed_out)} (exit status 124)")
 
     def flush_suppressed(self) -> None:
         """Say how many per-event lines the rate limit kept back, if any."""
         if self.suppressed:
             count, self.suppressed = self.suppressed, 0
-            self._print(f"{count} more line{'s' * (count != 1)} about connections and DNS "
-                        "not shown (too many too fast; the summary and --log count them all)")
+            self._print(f"{count} more line{'s' * (count != 1)} about connections, DNS and "
+                        "system calls not shown (too many too fast; the summary and --log count "
+                        "them all)")
 
     # ----- sinks --------------------------------------------------------------------------------
 
@@ -238,15 +277,7 @@ class Audit:
 
     def _first_denial(self, proto: str, dst: str, dport: int) -> bool:
         """Whether this destination's denial has not been reported yet (bounded memory)."""
-        key = (proto, dst, dport)
-        seen = self._denied_seen
-        if key in seen:
-            seen.move_to_end(key)
-            return False
-        seen[key] = None
-        if len(seen) > MAX_DENIED_REMEMBERED:
-            seen.popitem(last=False)
-        return True
+        return _remember(self._denied_seen, (proto, dst, dport))
 
     def _ended(self, record: FlowRecord) -> None:
         if self.log is not None:
@@ -286,6 +317,23 @@ class Audit:
             print(escape(f"{prefix}{text}"), file=self.stream, flush=True)
         except (OSError, ValueError):
             pass  # a closed stderr must not take the firewall down
+
+
+def _remember(seen: OrderedDict[Any, None], key: Any) -> bool:
+    """Whether `key` is new to `seen` (then remembered; the oldest forgotten beyond
+    MAX_DENIED_REMEMBERED)."""
+    if key in seen:
+        seen.move_to_end(key)
+        return False
+    seen[key] = None
+    if len(seen) > MAX_DENIED_REMEMBERED:
+        seen.popitem(last=False)
+    return True
+
+
+def _seconds(value: float) -> str:
+    """30 -> '30s', 90 -> '90s', 1.5 -> '1.5s'."""
+    return f"{value:g}s"
 
 
 def _who(record: FlowRecord) -> str:

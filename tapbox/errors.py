@@ -16,9 +16,9 @@ want to tell them apart (the Python API raises them as they are; the CLI prints 
         +-- ProfileError     a -p/--profile file (TOML)
 
 Exit statuses (DESIGN.md "Process model"), defined here and nowhere else: CMD's own status;
-128+N if CMD was killed by signal N; 125 if tapbox itself failed (any TapboxError, before or
-after CMD ran); 126 if CMD could not be executed; 127 if CMD was not found (the last two as
-env(1) reports them).
+128+N if CMD was killed by signal N; 124 if --timeout ran out and the sandbox was killed (as
+timeout(1)); 125 if tapbox itself failed (any TapboxError, before or after CMD ran); 126 if CMD
+could not be executed; 127 if CMD was not found (the last two as env(1) reports them).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Self
 
 # Exit statuses of tapbox's own making (DESIGN.md "Process model"); otherwise tapbox exits with
 # the command's status, or 128+N when the command died of signal N.
+EXIT_TIMEOUT = 124  # --timeout ran out: the sandbox was killed, as timeout(1) exits
 EXIT_TAPBOX_FAILED = 125  # tapbox could not do its job (set-up failed, engine died)
 EXIT_CANNOT_EXECUTE = 126  # the command exists but could not be executed, as env(1)
 EXIT_NOT_FOUND = 127  # the command was not found, as env(1)

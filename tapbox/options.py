@@ -10,7 +10,8 @@ whose defaults are what a bare `tapbox -- CMD` does:
                  read, hidden or emptied (docs/isolation.md)
     environment  who the command runs as inside (--root) and its environment variables
     record       what is recorded and reported: event log, capture, audit/learn, stderr
-    limits       resource limits (none yet)
+    process      how the command's processes are confined: system calls, nesting, Landlock
+    limits       resource limits: time, memory, processes, open files (none by default)
 
 A field is named by its dotted path, "network.mtu"; a profile writes the same field as
 `[network]` / `mtu = ...`. Each front end turns what it read into a `Layer`: the fields it
@@ -24,9 +25,10 @@ keeps its text and its source, and is parsed when the run loads the allowlist.
 
 Adding an option (issues 9, 10 and 12 add filesystem, overlay, syscall and limit options): a
 field with its default in its part (metadata: `PATH` if it is a file name a profile gives
-relative to itself, `SIZE` if a profile may write it as "100M", `ADDS` if the CLI's values add
-to a profile's rather than replace them); a line in the CLI's table (tapbox/cli/args.py); a
-check in `validate()` if it needs more than its type checked; a row in docs/profiles.md.
+relative to itself, `SIZE` if a profile may write it as "100M", `DURATION` if as "10m", `ADDS`
+if the CLI's values add to a profile's rather than replace them); a line in the CLI's table
+(tapbox/cli/args.py); a check in `validate()` if it needs more than its type checked; a row
+in docs/profiles.md.
 Profiles know every field from the dataclasses themselves.
 """
 
@@ -48,6 +50,7 @@ DEFAULT_LOG_LIMIT = 100_000_000  # bytes: "100M"
 MIN_LOG_LIMIT = 4096  # room for the start event and the truncation notice
 
 IPv6Mode = Literal["auto", "on", "off"]
+SyscallMode = Literal["default", "strict", "off"]  # tapbox.isolate.syscalls.MODES
 FilesystemView = Literal["project", "host", "overlay"]
 OnExit = Literal["ask", "commit", "keep", "discard"]
 PathAction = Literal["write", "read", "hide", "tmpfs"]
@@ -58,6 +61,22 @@ Report = Literal["auto", "summary", "quiet"]
 ADDS = {"adds": True}
 PATH = {"path": True}
 SIZE = {"size": True}
+DURATION = {"duration": True}
+
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """'30', '30s', '1.5m', '2h', '1d' -> seconds (a positive number; no unit is seconds)."""
+    body = text.strip().lower()
+    unit = body[-1:] if body[-1:] in "smhd" else ""
+    try:
+        value = float(body[: len(body) - len(unit)])
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"invalid duration {text!r} (e.g. 30s, 10m, 2h, 45)")
+    return value * _DURATION_UNITS[unit]
 
 
 class AllowRule(NamedTuple):
@@ -172,9 +191,25 @@ class RecordOptions(_Part):
 
 
 @dataclass(frozen=True)
+class ProcessOptions(_Part):
+    """How the command's processes are confined beyond their namespaces (docs/isolation.md)."""
+
+    # default: a deny list of what has no business in a sandbox; strict: compute only (no
+    # files, sockets, exec); off: only the terminal guard (tapbox.isolate.syscalls)
+    syscalls: SyscallMode = "default"
+    syscall_allow: tuple[str, ...] = field(default=(), metadata=ADDS)  # names and @groups
+    nest: bool = True  # False: --no-nest, no user namespaces (so no sandbox) inside
+    landlock: bool = False  # Landlock rules mirroring the read-only parts of the view
+
+
+@dataclass(frozen=True)
 class LimitsOptions(_Part):
-    """Resource limits of the sandbox. None yet: issue 12 adds timeout, memory, processes and
-    open files here (the defaults stay unlimited)."""
+    """Resource limits of the sandbox; None is unlimited (the default for each)."""
+
+    timeout: float | None = field(default=None, metadata=DURATION)  # seconds, then killed
+    memory: int | None = field(default=None, metadata=SIZE)  # bytes
+    max_procs: int | None = None  # processes and threads
+    max_files: int | None = None  # open file descriptors per process
 
 
 class Origin(NamedTuple):
@@ -206,6 +241,7 @@ class RunOptions:
     filesystem: FilesystemOptions = field(default_factory=FilesystemOptions)
     environment: EnvironmentOptions = field(default_factory=EnvironmentOptions)
     record: RecordOptions = field(default_factory=RecordOptions)
+    process: ProcessOptions = field(default_factory=ProcessOptions)
     limits: LimitsOptions = field(default_factory=LimitsOptions)
 
     @classmethod
@@ -289,6 +325,18 @@ class RunOptions:
                 problem = check(item)
                 if problem:
                     raise fail(path, f"{name(path)} {item!r}: {problem}")
+        for path in ("limits.timeout", "limits.memory", "limits.max_procs", "limits.max_files"):
+            value = getattr(self.limits, path.split(".")[1])
+            if value is not None and not value > 0:
+                raise fail(path, f"{name(path)} {value}: must be positive")
+        if self.process.syscall_allow:
+            from tapbox.isolate.syscalls import expand
+
+            try:
+                expand(self.process.syscall_allow)
+            except ValueError as exc:
+                raise fail("process.syscall_allow", f"{name('process.syscall_allow')}: "
+                                                    f"{exc}") from None
         if not net.enabled:
             for path, used in (("record.log", record.log), ("record.audit", record.audit),
                                ("record.learn", record.learn), ("record.pcap", record.pcap)):
@@ -394,6 +442,9 @@ def _type_problem(value: Any, hint: Any) -> str | None:
         return None if isinstance(value, bool) else "true or false"
     if hint is int:
         return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        return None if isinstance(value, int | float) and not isinstance(value, bool) \
+            else "a number"
     if hint is str:
         return None if isinstance(value, str) else "a string"
     if isinstance(hint, type):

@@ -137,6 +137,13 @@ class _ProfileReader:
                 return parse_size(value)
             except ValueError as exc:
                 raise self.error(key, f"{dotted}: {exc}") from None
+        if metadata.get("duration") and isinstance(value, str):
+            from tapbox.options import parse_duration
+
+            try:
+                return parse_duration(value)
+            except ValueError as exc:
+                raise self.error(key, f"{dotted}: {exc}") from None
         if metadata.get("path") and isinstance(value, str):
             return self.path_value(dotted, key, value)
         return value

@@ -4,7 +4,13 @@ Everything that can fail is done before the command runs (the allowlist parses, 
 upstream is known, the sandbox is set up, the engine reads the TAP device); only then is the
 sandbox told to exec. If the engine fails afterwards, for whatever reason, the command is
 killed at once, tapbox says so in one line and exits 125: tapbox never leaves a command
-running without its firewall.
+running without its firewall. With --timeout, the whole sandbox is killed when the time is up
+and tapbox exits 124 (as timeout(1)).
+
+The sandbox's supervisor thread (tapbox.isolate.supervisor) names every system call the policy
+refuses; `ViolationSink` passes each to the audit layer in the thread that owns it (the trio
+loop, through its token, or directly in a run without network, where the main thread only
+waits).
 
 What to do comes as RunOptions (tapbox.options), however it was given: command line, profile
 or API; the command comes with it, separately.
@@ -22,12 +28,12 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tapbox.allowlist import Allowlist, AllowlistError, Rule, load_file, parse_rule
-from tapbox.errors import EXIT_TAPBOX_FAILED, SetupError
+from tapbox.errors import EXIT_TAPBOX_FAILED, EXIT_TIMEOUT, SetupError
 from tapbox.isolate import Sandbox, SandboxConfig, SignalForwarder
 from tapbox.layout import DNS_ADDRESS, DNS_ADDRESS6
 from tapbox.options import AllowRule, RunOptions
@@ -36,6 +42,7 @@ if TYPE_CHECKING:
     from tapbox.audit import Audit
     from tapbox.eventlog import EventLog
     from tapbox.isolate.layerdir import LayerDir
+    from tapbox.isolate.supervisor import Violation
     from tapbox.learn import Learner
     from tapbox.pcap import PcapWriter
 
@@ -95,6 +102,115 @@ def _upstreams(options: RunOptions) -> list[tuple[str, int]]:
         except ValueError as exc:
             raise SetupError(f"--dns-upstream: {exc}") from None
     return upstreams_from_resolv_conf()
+
+
+class ViolationSink:
+    """Refused system calls, from the supervisor thread to the audit layer's thread."""
+
+    MAX_PENDING = 1000
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._audit: Audit | None = None
+        self._make: Callable[[], Audit] | None = None  # makes the audit layer when first needed
+        self._token: object | None = None  # trio's TrioToken while the loop runs
+        self._pending: list[Violation] = []
+        self._queued = 0  # handed to the loop, not reported yet
+        self.unreported = 0  # refusals that came faster than the loop took them
+
+    def __call__(self, violation: Violation) -> None:
+        with self._lock:
+            if self._audit is None and self._make is not None:
+                self._audit = self._make()
+            audit, token = self._audit, self._token
+            if audit is None:
+                if len(self._pending) < self.MAX_PENDING:
+                    self._pending.append(violation)
+                return
+        if token is None:
+            audit.syscall_refused(violation)
+            return
+        with self._lock:  # bounded: a flood of refusals must not grow trio's queue
+            if self._queued >= self.MAX_PENDING:
+                self.unreported += 1
+                return
+            self._queued += 1
+        try:
+            token.run_sync_soon(self._report, audit, violation)  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - trio.RunFinishedError: the loop is over
+            with self._lock:
+                self._token = None
+                self._queued -= 1
+            audit.syscall_refused(violation)
+
+    def _report(self, audit: Audit, violation: Violation) -> None:
+        with self._lock:
+            self._queued -= 1
+        audit.syscall_refused(violation)
+
+    def attach(self, audit: Audit | None, token: object | None = None) -> None:
+        """From now on report to `audit` (through `token` if given); None: hold them again."""
+        with self._lock:
+            self._audit, self._token = audit, token
+            pending, self._pending = self._pending, []
+        for violation in pending:
+            if audit is not None:
+                audit.syscall_refused(violation)
+
+    def audit(self, make: Callable[[], Audit]) -> Audit:
+        """The audit layer, made by `make` now if no violation made it yet. Until then,
+        violations make it themselves (a run without network imports it only if needed)."""
+        with self._lock:
+            if self._audit is None:
+                self._audit = make()
+            return self._audit
+
+    def make_when_needed(self, make: Callable[[], Audit]) -> None:
+        with self._lock:
+            self._make = make
+
+
+def _rlimits(options: RunOptions) -> tuple[tuple[int, int], ...]:
+    """The command's resource limits as (RLIMIT_*, value); SetupError if one is above the hard
+    limit tapbox itself was given (an unprivileged process cannot raise it)."""
+    import resource
+
+    limits = options.limits
+    wanted = [(resource.RLIMIT_DATA, limits.memory, "--memory"),
+              # pid 1 of the sandbox runs as the same user: one more
+              (resource.RLIMIT_NPROC, limits.max_procs and limits.max_procs + 1, "--max-procs"),
+              (resource.RLIMIT_NOFILE, limits.max_files, "--max-files")]
+    out: list[tuple[int, int]] = []
+    if limits.max_procs is not None and os.getuid() == 0:
+        raise SetupError("tapbox: --max-procs cannot be enforced when tapbox runs as root: the "
+                         "kernel exempts uid 0 from RLIMIT_NPROC; run tapbox as another user")
+    for which, value, flag in wanted:
+        if value is None:
+            continue
+        _soft, hard = resource.getrlimit(which)
+        if hard != resource.RLIM_INFINITY and value > hard:
+            raise SetupError(f"tapbox: {flag}: {value} is above the hard limit tapbox was given "
+                             f"({hard}): ask for less, or raise it (ulimit -H)")
+        out.append((which, value))
+    return tuple(out)
+
+
+def limits_description(options: RunOptions) -> str | None:
+    """What the limits are and how they are enforced, for -v and the log; None if none."""
+    limits = options.limits
+    parts = []
+    if limits.timeout is not None:
+        parts.append(f"time {limits.timeout:g}s for the whole sandbox")
+    if limits.memory is not None:
+        parts.append(f"memory {limits.memory} bytes per process (RLIMIT_DATA)")
+    if limits.max_procs is not None:
+        parts.append(f"{limits.max_procs} processes and threads (RLIMIT_NPROC, counted in "
+                     "the sandbox's user namespace)")
+    if limits.max_files is not None:
+        parts.append(f"{limits.max_files} open files per process (RLIMIT_NOFILE)")
+    return "; ".join(parts) if parts else None
 
 
 @dataclass
@@ -211,8 +327,12 @@ def _run(command: Sequence[str], options: RunOptions, layer: LayerDir | None) ->
 def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
                  rules: list[Rule] | None = None, recording: Recording | None = None,
                  layer: LayerDir | None = None) -> int:
+    from tapbox.isolate.syscalls import policy_for
+
     upstreams = _upstreams(options) if network else []
     host: list[str] = []  # the host's own addresses, guarded like its loopback
+    rlimits = _rlimits(options)
+    policy = policy_for(options.process.syscalls, options.process.syscall_allow)
 
     def meanwhile() -> None:
         from tapbox.hostaddrs import host_addresses
@@ -224,6 +344,7 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
         print("tapbox: no DNS upstream (none in /etc/resolv.conf; use --dns-upstream): "
               "names will not resolve", file=sys.stderr)
     forwarder = SignalForwarder()
+    violations = ViolationSink()
     try:
         ipv6 = options.network.ipv6
         ipv6_enabled = network and (ipv6 == "on" or (ipv6 == "auto" and host_has_ipv6()))
@@ -238,8 +359,12 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
                                               if recording else (),
                                               filesystem=options.filesystem, layer=layer,
                                               setenv=env.setenv, unsetenv=env.unsetenv,
-                                              clearenv=env.clearenv),
-                                meanwhile=meanwhile if network else None)
+                                              clearenv=env.clearenv,
+                                              syscalls=policy, nest=options.process.nest,
+                                              landlock=options.process.landlock,
+                                              rlimits=rlimits),
+                                meanwhile=meanwhile if network else None,
+                                on_violation=violations)
     except BaseException:
         forwarder.restore()
         raise
@@ -248,13 +373,27 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
     _raise_fd_limit()  # after the fork: the command keeps the limits it was given
     try:
         if not network:
+            def make_audit() -> Audit:
+                from tapbox.audit import Audit
+
+                return Audit(verbose=options.record.verbose,
+                             quiet=options.record.report == "quiet")
+
+            violations.make_when_needed(make_audit)  # importing it costs ~60 ms
             sandbox.start()
-            status = sandbox.wait_status()
+            status = _wait(sandbox, options.limits.timeout)
+            if status is None:
+                audit = violations.audit(make_audit)
+                audit.timeout(options.limits.timeout or 0)
+                status = EXIT_TIMEOUT
+                audit.print_summary()
+            _explain_status(lambda: violations.audit(make_audit), sandbox, status, options)
         else:
             import trio
 
             status = trio.run(_serve, sandbox, rules or [], upstreams, command, options,
-                              ipv6_enabled, recording or Recording(), host, layer)
+                              ipv6_enabled, recording or Recording(), host, violations,
+                              layer)
         _say_discarded(sandbox)
         return status
     finally:
@@ -266,8 +405,19 @@ def _run_sandbox(command: Sequence[str], options: RunOptions, network: bool,
         forwarder.restore(discard_pending=True)  # the caller's signal mask, as it was
 
 
+def _wait(sandbox: Sandbox, timeout: float | None) -> int | None:
+    """The sandbox's exit status, or None (the sandbox killed and reaped) if `timeout`
+    seconds passed first."""
+    if timeout is None or sandbox.wait_status_within(timeout):
+        return sandbox.wait_status()
+    sandbox.kill()
+    sandbox.wait_status()
+    return None
+
+
 def _say_plan(sandbox: Sandbox, options: RunOptions) -> None:
-    """The sandbox's mounts (-v), and what the user should know before the command runs."""
+    """The sandbox's mounts, system-call policy, Landlock and limits (-v), and what the user
+    should know before the command runs."""
     from tapbox.textescape import escape
 
     plan = sandbox.plan
@@ -276,9 +426,40 @@ def _say_plan(sandbox: Sandbox, options: RunOptions) -> None:
     if options.record.verbose:
         for line in plan.describe():
             print(f"tapbox: sandbox: {escape(line)}", file=sys.stderr)
+        for line in _describe_confinement(sandbox, options):
+            print(f"tapbox: sandbox: {escape(line)}", file=sys.stderr)
     if options.record.report != "quiet":
         for line in plan.notices:
             print(f"tapbox: {escape(line)}", file=sys.stderr)
+
+
+def _describe_confinement(sandbox: Sandbox, options: RunOptions) -> list[str]:
+    """-v: the system-call policy (and whether violations are named), nesting, Landlock, the
+    limits."""
+    process = options.process
+    allowed = f" + {' '.join(process.syscall_allow)}" if process.syscall_allow else ""
+    named = "refused calls are named" if not sandbox.unnamed_because else \
+        f"refused calls are not named ({sandbox.unnamed_because})"
+    lines = [f"system calls: {process.syscalls}{allowed}; {named}"]
+    if not process.nest:
+        lines.append("no nesting: user.max_user_namespaces = 0 inside")
+    if sandbox.landlock:
+        lines.append(sandbox.landlock)
+    described = limits_description(options)
+    if described:
+        lines.append(f"limits: {described}")
+    return lines
+
+
+def _explain_status(audit: Callable[[], Audit], sandbox: Sandbox, status: int,
+                    options: RunOptions) -> None:
+    """A command killed by SIGSYS met a filter that could not name the call: say so."""
+    import signal
+
+    if status == 128 + signal.SIGSYS and not sandbox.violations:
+        why = f" ({sandbox.unnamed_because})" if sandbox.unnamed_because else ""
+        audit().say(f"the command was killed by SIGSYS: it made a system call that --syscalls "
+                    f"{options.process.syscalls} forbids; the call could not be named{why}")
 
 
 def _say_discarded(sandbox: Sandbox) -> None:
@@ -296,7 +477,8 @@ def _say_discarded(sandbox: Sandbox) -> None:
 
 async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str, int]],
                  command: Sequence[str], options: RunOptions, ipv6: bool,
-                 recording: Recording, host: list[str], layer: LayerDir | None = None) -> int:
+                 recording: Recording, host: list[str], violations: ViolationSink,
+                 layer: LayerDir | None = None) -> int:
     import trio
 
     from netstack.iface import InterfaceConfig
@@ -322,7 +504,10 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
         command=list(command), cwd=os.getcwd(), tapbox_pid=os.getpid(),
         sandbox_pid=sandbox.pid, allowlist=recording.sources, rules=len(rules),
         dns_upstreams=[f"{host}:{port}" for host, port in upstreams],
-        pcap=record.pcap)
+        pcap=record.pcap, syscalls=options.process.syscalls,
+        syscall_allow=list(options.process.syscall_allow), nest=options.process.nest,
+        limits=limits_description(options))
+    violations.attach(audit, trio.lowlevel.current_trio_token())
     guard = Guard(host)
     if audit_mode:
         from tapbox.auditpolicy import AuditPolicy
@@ -353,11 +538,19 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
                 await nursery.start(attributor.run)
             await nursery.start(engine.run)
             sandbox.start()
-            status = await sandbox.wait()
-            # The command may have closed sockets whose data its kernel is still sending:
-            # keep serving until those connections finish, for a bounded time.
-            with trio.move_on_after(DRAIN_TIMEOUT):
-                await engine.drain()
+            timeout = options.limits.timeout
+            with trio.move_on_after(timeout if timeout is not None else float("inf")) as limit:
+                status = await sandbox.wait()
+            if limit.cancelled_caught:
+                sandbox.kill()
+                await sandbox.wait()
+                audit.timeout(timeout or 0)
+                status = EXIT_TIMEOUT
+            else:
+                # The command may have closed sockets whose data its kernel is still sending:
+                # keep serving until those connections finish, for a bounded time.
+                with trio.move_on_after(DRAIN_TIMEOUT):
+                    await engine.drain()
             nursery.cancel_scope.cancel()
     except Exception as exc:  # the engine died (an ExceptionGroup from the nurseries)
         sandbox.kill()
@@ -368,7 +561,13 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
             recording.learner = None
         status = EXIT_TAPBOX_FAILED
     finally:
+        violations.attach(audit)  # the loop ends: report from the supervisor's thread
+        if violations.unreported:
+            audit.syscalls_refused += violations.unreported
+            audit.say(f"{violations.unreported} refused system calls came too fast to be "
+                      "reported one by one (counted in the exit event)")
         os.close(sandbox.tap_fd)
+        _explain_status(lambda: audit, sandbox, status, options)
         drops = engine.drop_counts()
         if record.verbose and drops:
             from tapbox.dropreasons import summarize

@@ -39,6 +39,7 @@ from tapbox.options import (
     LimitsOptions,
     NetworkOptions,
     Origin,
+    ProcessOptions,
     RecordOptions,
     RunOptions,
 )
@@ -106,7 +107,10 @@ def test_defaults_are_a_bare_run() -> None:
     assert options.record == RecordOptions(log=None, pcap=None, pcap_limit=100_000_000,
                                            learn=None, audit=False, report="auto",
                                            verbose=False)
-    assert options.limits == LimitsOptions()
+    assert options.limits == LimitsOptions(timeout=None, memory=None, max_procs=None,
+                                           max_files=None)  # unlimited
+    assert options.process == ProcessOptions(syscalls="default", syscall_allow=(), nest=True,
+                                             landlock=False)
     assert not options.record.audit_mode
 
 
@@ -242,6 +246,16 @@ def test_bare_command_line_is_the_defaults() -> None:
     (["--summary"], "record.report", "summary"),
     (["-q"], "record.report", "quiet"),
     (["-q", "--quiet"], "record.report", "quiet"),
+    (["--syscalls", "strict"], "process.syscalls", "strict"),
+    (["--syscall-allow", "@io_uring", "--syscall-allow", "getrandom"], "process.syscall_allow",
+     ("@io_uring", "getrandom")),
+    (["--no-nest"], "process.nest", False),
+    (["--landlock"], "process.landlock", True),
+    (["--timeout", "1.5m"], "limits.timeout", 90.0),
+    (["--timeout", "45"], "limits.timeout", 45.0),
+    (["--memory", "512M"], "limits.memory", 512_000_000),
+    (["--max-procs", "64"], "limits.max_procs", 64),
+    (["--max-files", "100"], "limits.max_files", 100),
 ])
 def test_each_option_sets_its_field(argv: list[str], path: str, value: Any) -> None:
     options = parse_args([*argv, "--", "true"]).options
@@ -262,6 +276,13 @@ def test_verbose_and_quiet_together_are_accepted_as_before() -> None:
     (["-n", "--pcap", "x", "--audit"], "--audit needs the network: it cannot be used with -n"),
     (["-q", "--summary"], "--summary and -q contradict each other: choose one"),
     (["--pcap-limit", "lots"], "--pcap-limit: invalid size 'lots'"),
+    (["--timeout", "0"], "--timeout: invalid duration '0'"),
+    (["--timeout", "5x"], "--timeout: invalid duration '5x'"),
+    (["--memory", "-1"], "--memory: invalid size '-1'"),
+    (["--max-procs", "0"], "--max-procs 0: must be positive"),
+    (["--max-files", "-5"], "--max-files -5: must be positive"),
+    (["--syscalls", "loose"], "argument --syscalls: invalid choice: 'loose'"),
+    (["--syscall-allow", "@nope"], "--syscall-allow: unknown system-call group '@nope'"),
 ])
 def test_usage_errors_exit_125_with_the_message(argv: list[str], message: str,
                                                 capsys: pytest.CaptureFixture[str]) -> None:

@@ -139,7 +139,17 @@ EXAMPLE = """\
     report = "summary"
     verbose = true
 
+    [process]
+    syscalls = "strict"
+    syscall_allow = ["@files_read", "getrandom"]
+    nest = false
+    landlock = true
+
     [limits]
+    timeout = "10m"
+    memory = "2G"
+    max_procs = 100
+    max_files = 256
     """
 
 
@@ -166,6 +176,12 @@ def test_every_key_of_the_documented_example(tmp_path: Path,
     assert record.learn == str(tmp_path / "learned.allow")
     assert (record.pcap_limit, record.audit, record.report, record.verbose) == \
         (20_000_000, False, "summary", True)
+    process = options.process
+    assert (process.syscalls, process.syscall_allow, process.nest, process.landlock) == \
+        ("strict", ("@files_read", "getrandom"), False, True)
+    limits = options.limits
+    assert (limits.timeout, limits.memory, limits.max_procs, limits.max_files) == \
+        (600.0, 2_000_000_000, 100, 256)
 
 
 def test_the_example_in_the_docs_is_a_valid_profile(tmp_path: Path) -> None:
@@ -210,7 +226,7 @@ def test_relative_paths_are_relative_to_the_profile_not_the_working_directory(
     # tables and keys that do not exist
     ("[network]\nmtu = 1500\n[netwrok]\n", 3,
      "unknown table [netwrok] (did you mean 'network'?); known: network, filesystem, "
-     "environment, record, limits"),
+     "environment, record, process, limits"),
     ("title = 'x'\n", 1, "unknown key 'title'"),
     ("[network]\n\nallowlist = ['a.txt']\n", 3,
      "unknown key 'allowlist' in [network] (did you mean 'allowlists'?); known: enabled, "
@@ -218,7 +234,17 @@ def test_relative_paths_are_relative_to_the_profile_not_the_working_directory(
     ("[record]\npcap-limit = '1M'\n", 2, "unknown key 'pcap-limit' in [record] (did you mean "
                                          "'pcap_limit'?)"),
     ("[network.extra]\nx = 1\n", 1, "unknown key 'extra' in [network]"),
-    ("[limits]\nmemory = '1G'\n", 2, "unknown key 'memory' in [limits]; known: none yet"),
+    ("[limits]\nmemroy = '1G'\n", 2, "unknown key 'memroy' in [limits] (did you mean "
+                                      "'memory'?); known: timeout, memory, max_procs, max_files"),
+    ("[limits]\ntimeout = 'soon'\n", 2, "limits.timeout: invalid duration 'soon'"),
+    ("[limits]\ntimeout = -3\n", 2, "limits.timeout -3: must be positive"),
+    ("[limits]\nmax_procs = 0\n", 2, "limits.max_procs 0: must be positive"),
+    ("[limits]\nmax_files = '10'\n", 2,
+     "limits.max_files: expected an integer, got a string ('10')"),
+    ("[process]\nsyscalls = 'loose'\n", 2, "process.syscalls: expected one of 'default', "
+                                            "'strict', 'off'"),
+    ("[process]\nsyscall_allow = ['@nope']\n", 2, "process.syscall_allow: unknown system-call "
+                                                   "group '@nope'"),
     ("network = 1500\n", 1, "network must be a table ([network]), not a value"),
     # wrong types
     ("[network]\nmtu = '1500'\n", 2, "network.mtu: expected an integer, got a string ('1500')"),

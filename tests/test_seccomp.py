@@ -16,17 +16,20 @@ import pytest
 from tapbox.errors import SetupError
 from tapbox.isolate import Sandbox, SandboxConfig
 from tapbox.isolate import seccomp as sc
+from tapbox.isolate.supervisor import Violation
 from tapbox.options import FilesystemOptions, PathRule
 
 
-def test_default_policy_reads_as_what_it_does() -> None:
-    assert sc.DEFAULT_POLICY.describe() == [
+def test_the_terminal_guard_reads_as_what_it_does() -> None:
+    assert sc.GUARD_POLICY.describe() == [
         "default: allow",
         "ioctl if (arg1 & 0xffffffff) == 0x5412: fail with EPERM  # TIOCSTI: typing into the "
         "terminal",
         "ioctl if (arg1 & 0xffffffff) == 0x541c: fail with EPERM  # TIOCLINUX: console paste "
         "into the terminal",
     ]
+    # ... and the default policy starts with it.
+    assert sc.DEFAULT_POLICY.rules[:2] == sc.TERMINAL_GUARD
 
 
 def _pfc(policy: sc.Policy) -> str:
@@ -97,9 +100,11 @@ def test_command_runs_with_no_new_privs_and_a_filter(tmp_path: Path) -> None:
 
 
 def test_a_custom_policy_is_enforced(tmp_path: Path) -> None:
-    """Rules are data: a policy that refuses mkdir with EACCES is what the command meets."""
+    """Rules are data: a policy that refuses mkdir with EACCES is what the command meets, and
+    the refusal is named (the supervisor answers it)."""
     policy = sc.Policy(sc.Allow(), (sc.Rule("mkdir", sc.Errno(errno.EACCES)),
                                     sc.Rule("mkdirat", sc.Errno(errno.EACCES))))
+    seen: list[Violation] = []
     probe = textwrap.dedent(f"""
         import os
         try:
@@ -113,7 +118,8 @@ def test_a_custom_policy_is_enforced(tmp_path: Path) -> None:
     os.dup2(w, 1)
     try:
         sb = Sandbox.spawn(SandboxConfig([sys.executable, "-c", probe], network=False,
-                                         syscalls=policy, filesystem=_writable(tmp_path)))
+                                         syscalls=policy, filesystem=_writable(tmp_path)),
+                           on_violation=seen.append)
     finally:
         os.dup2(saved, 1)
         os.close(saved)
@@ -124,6 +130,8 @@ def test_a_custom_policy_is_enforced(tmp_path: Path) -> None:
     with os.fdopen(r) as f:
         assert f.read().strip() == str(errno.EACCES)
     assert not (tmp_path / "d").exists()
+    assert [(v.syscall, v.action, v.pid, v.comm) for v in seen] == [
+        ("mkdir", "EACCES", 2, Path(sys.executable).name[:15])]
 
 
 def _in_child(body: str) -> str:

@@ -26,10 +26,11 @@ USAGE = """tapbox [-F FILE]... [--allow RULE]... [options] -- CMD [ARGS...]
 EPILOG = """\
 Rules (one per line in a file): example.com, *.example.com, 192.0.2.10, 198.51.100.0/24,
 [2001:db8::1], each optionally with :PORT or :LOW-HIGH. Nothing is allowed unless a rule
-says so. Exit status: CMD's own; 128+N if CMD died of signal N; 125 if tapbox failed;
-126/127 if CMD could not be run / was not found. A command literally named "log",
-"changes", "commit" or "discard" is run as `tapbox -- log ...` (without "--", "tapbox log
-..." reads an event log, "tapbox changes ..." the layers of --fs overlay).
+says so. Exit status: CMD's own; 128+N if CMD died of signal N; 124 if --timeout ran
+out; 125 if tapbox failed; 126/127 if CMD could not be run / was not found. A command
+literally named "log", "changes", "commit" or "discard" is run as `tapbox -- log ...`
+(without "--", "tapbox log ..." reads an event log, "tapbox changes ..." the layers of
+--fs overlay).
 """
 
 
@@ -114,6 +115,32 @@ def build_parser() -> argparse.ArgumentParser:
                              "something was denied, or in audit mode)")
     record.add_argument("-q", "--quiet", action="store_true",
                         help="no summary and no per-connection lines on stderr")
+    confine = parser.add_argument_group("confinement (docs/isolation.md)")
+    confine.add_argument("--syscalls", choices=("default", "strict", "off"),
+                         help="system-call policy: default refuses what a sandboxed program "
+                              "has no business doing (keyrings, bpf, io_uring...); strict "
+                              "allows computing only (no files, sockets, exec; violations "
+                              "kill); off keeps only the terminal guard")
+    confine.add_argument("--syscall-allow", action="append", default=[], metavar="NAME",
+                         help="also allow a system call, or a group such as @io_uring or "
+                              "@files_read (may repeat)")
+    confine.add_argument("--no-nest", action="store_true",
+                         help="no user namespaces inside: no sandbox (tapbox, bubblewrap, a "
+                              "browser's) can be created in this one")
+    confine.add_argument("--landlock", action="store_true",
+                         help="also enforce the read-only parts of the view with Landlock, "
+                              "where the kernel has it (a landlocked sandbox cannot mount, so "
+                              "no tapbox can run inside it)")
+    limits = parser.add_argument_group("resource limits (default: none)")
+    limits.add_argument("--timeout", metavar="DURATION",
+                        help="kill the whole sandbox after DURATION (30s, 10m, 2h) and exit 124")
+    limits.add_argument("--memory", metavar="SIZE",
+                        help="memory limit (e.g. 512M, 2G): for the sandbox as a whole with a "
+                             "delegated cgroup, else per process (RLIMIT_DATA)")
+    limits.add_argument("--max-procs", type=int, metavar="N",
+                        help="at most N processes and threads (besides tapbox's init)")
+    limits.add_argument("--max-files", type=int, metavar="N",
+                        help="at most N open files per process")
     parser.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return parser
 
@@ -145,6 +172,14 @@ _FLAGS: list[tuple[str, str, str, Callable[[Any], Any]]] = [
     ("log_limit", "record.log_limit", "--log-limit", int),
     ("summary", "record.report", "--summary", lambda _: "summary"),
     ("quiet", "record.report", "-q", lambda _: "quiet"),
+    ("syscalls", "process.syscalls", "--syscalls", str),
+    ("syscall_allow", "process.syscall_allow", "--syscall-allow", tuple),
+    ("no_nest", "process.nest", "--no-nest", lambda _: False),
+    ("landlock", "process.landlock", "--landlock", bool),
+    ("timeout", "limits.timeout", "--timeout", float),
+    ("memory", "limits.memory", "--memory", int),
+    ("max_procs", "limits.max_procs", "--max-procs", int),
+    ("max_files", "limits.max_files", "--max-files", int),
 ]
 
 
@@ -159,7 +194,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         command = command[1:]
     if not command:
         parser.error("no command given (usage: " + USAGE.splitlines()[0] + ")")
-    for dest, option in (("pcap_limit", "--pcap-limit"), ("log_limit", "--log-limit")):
+    for dest, option in (("pcap_limit", "--pcap-limit"), ("log_limit", "--log-limit"),
+                         ("memory", "--memory")):
         if getattr(args, dest) is not None:
             from tapbox.pcap import parse_size
 
@@ -167,6 +203,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                 setattr(args, dest, parse_size(getattr(args, dest)))
             except ValueError as exc:
                 parser.error(f"{option}: {exc}")
+    if args.timeout is not None:
+        from tapbox.options import parse_duration
+
+        try:
+            args.timeout = parse_duration(args.timeout)
+        except ValueError as exc:
+            parser.error(f"--timeout: {exc}")
     layers = []
     if args.profiles:
         from tapbox.profile import load_profile

@@ -19,7 +19,10 @@ How the package is laid out, in the order one sandbox comes to be:
 - namespaces.py  user namespace and id maps, then network, mount, PID, IPC, UTS; the hostname
 - tap.py         tap0: open /dev/net/tun inside the netns, configure the links (pyroute2)
 - mounts.py      executing the plan's operations
-- seccomp.py     the system-call filter: policy as data, built with libseccomp (ctypes)
+- syscalls.py    system-call policies as data: the default deny list, strict, groups, a builder
+- seccomp.py     the system-call filter: a policy compiled and loaded with libseccomp (ctypes)
+- supervisor.py  tapbox's side of the filter: names each refused call and answers it
+- landlock.py    Landlock rules derived from the plan (--landlock)
 - signals.py     SignalForwarder: signals sent to tapbox reach the command, Ctrl-C once
 - diagnose.py    why a step failed, in one line naming cause and fix
 - libc.py        the system calls Python's os lacks, through ctypes

@@ -24,14 +24,17 @@ it the kernel kills every process of the namespace), names itself `tapbox-init`,
 5. locks itself down, the last step of set-up: CAP_SYS_ADMIN leaves the bounding set and pid 1's
    own sets (the command, even as uid 0 with --root, can never again mount or unmount in the
    sandbox, so the read-only mounts stay; and pid 1 holds nothing the command could take from
-   it by ptrace), pid 1 sets no_new_privs and loads the seccomp filter
-   (tapbox.isolate.seccomp), both inherited by the command. With no_new_privs, a uid-0 command
-   keeps at exec exactly the capabilities pid 1 has: all but CAP_SYS_ADMIN;
+   it by ptrace), with --no-nest no user namespace can be created inside any more
+   (tapbox.isolate.namespaces), pid 1 sets no_new_privs, applies Landlock (--landlock,
+   tapbox.isolate.landlock) and loads the seccomp filter (tapbox.isolate.seccomp), all
+   inherited by the command. With no_new_privs, a uid-0 command keeps at exec exactly the
+   capabilities pid 1 has: all but CAP_SYS_ADMIN;
 6. sends b"R", a byte saying which descriptors follow, and those descriptors (SCM_RIGHTS): the
-   TAP fd, and the home directory's throwaway layer (which tapbox counts at exit), over a
-   SOCK_SEQPACKET socketpair; closes its copies, and blocks until tapbox sends b"G"
-   (`Sandbox.start()`). EOF instead (tapbox died or gave up)
-   means _exit(125): fail closed, the command never runs without the firewall;
+   TAP fd, the home directory's throwaway layer (which tapbox counts at exit) and the seccomp
+   listener (tapbox's supervisor names what the filter refuses), then notes as JSON (why
+   violations are not named, what Landlock enforces), over a SOCK_SEQPACKET socketpair; closes
+   its copies, and blocks until tapbox sends b"G" (`Sandbox.start()`). EOF instead (tapbox died
+   or gave up) means _exit(125): fail closed, the command never runs without the firewall;
 7. becomes the reaper (tapbox.isolate.reaper): forks the command (pid 2), which execs; reaps
    every orphan; forwards signals; exits with the command's status.
 
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -61,15 +65,16 @@ from tapbox.isolate.libc import (
     PR_SET_PDEATHSIG,
     Libc,
 )
-from tapbox.isolate.namespaces import enter_namespaces
+from tapbox.isolate.namespaces import enter_namespaces, forbid_user_namespaces
 from tapbox.isolate.plan import Plan
 from tapbox.isolate.tap import configure_links, open_tap
 
 # Control messages on the socketpair.
 MSG_PID = b"P"  # first child -> tapbox: pid 1's pid (struct "i"), as tapbox sees it
-MSG_READY = b"R"  # pid 1 -> tapbox, + a byte of READY_* flags, with those fds as SCM_RIGHTS
+MSG_READY = b"R"  # pid 1 -> tapbox, + a byte of READY_* flags (those fds as SCM_RIGHTS) + notes
 READY_TAP = 1  # the TAP fd (network=True)
 READY_LAYER = 2  # a descriptor of the home directory's throwaway layer (after the TAP fd)
+READY_LISTENER = 4  # the seccomp filter's listener, which names violations (last)
 MSG_ERROR = b"E"  # either -> tapbox, followed by one utf-8 line
 MSG_GO = b"G"  # tapbox -> pid 1: start the command now
 PID_FORMAT = struct.Struct("i")
@@ -120,26 +125,36 @@ def init_main(
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # tapbox is our parent (CLONE_PARENT)
         libc.set_name(INIT_NAME)
         # Imported while the host's tree is still the root: the view may not show tapbox.
-        from tapbox.isolate import reaper, seccomp  # noqa: F401
+        import resource  # noqa: F401 - the command's limits (reaper)
+
+        from tapbox.isolate import landlock, reaper, seccomp  # noqa: F401
 
         fds = _set_up(libc, config, plan, host)
+        listener: int | None = None
         try:
-            _lock_down(libc, config)
+            listener, notes = _lock_down(libc, config, plan)
             flags = (READY_TAP if fds[0] is not None else 0) | \
-                (READY_LAYER if fds[1] is not None else 0)
-            passed = [fd for fd in fds if fd is not None]
+                (READY_LAYER if fds[1] is not None else 0) | \
+                (READY_LISTENER if listener is not None else 0)
+            ready = MSG_READY + bytes([flags]) + json.dumps(notes).encode()
+            passed = [fd for fd in (*fds, listener) if fd is not None]
             if passed:
-                socket.send_fds(sock, [MSG_READY + bytes([flags])], passed)
+                socket.send_fds(sock, [ready], passed)
             else:
-                sock.send(MSG_READY + bytes([flags]))
+                sock.send(ready)
         finally:
-            for fd in fds:  # tapbox owns them now; nothing in the sandbox may hold them
-                if fd is not None:
+            for fd in (*fds, listener):  # tapbox owns them now; nothing in the sandbox may
+                if fd is not None:       # hold them (nor its own filter's listener)
                     os.close(fd)
         if sock.recv(16) != MSG_GO:  # EOF: tapbox died or gave up -> never run the command
             os._exit(EXIT_TAPBOX_FAILED)
-        sock.close()
-        reaper.run(config.argv, env, libc)
+        own = config.syscalls if config.syscalls is not None and \
+            config.syscalls.is_allow_list else None  # an allow list: the command loads it
+        handover = own is not None and config.notify
+        if not handover:
+            sock.close()
+        reaper.run(config.argv, env, libc, reaper.CommandSetup(
+            own, config.notify, sock if handover else None, config.rlimits))
     except SetupError as e:
         _report(sock, str(e))
     except BaseException as e:  # noqa: B036 - anything at all must end in _exit, never return
@@ -164,13 +179,21 @@ def _set_up(libc: Libc, config: SandboxConfig, plan: Plan,
     return tap_fd, applied.layer_fd
 
 
-def _lock_down(libc: Libc, config: SandboxConfig) -> None:
-    """The last set-up step: no CAP_SYS_ADMIN in the sandbox any more, no_new_privs, the
-    seccomp filter."""
+def _lock_down(libc: Libc, config: SandboxConfig, plan: Plan) -> tuple[int | None,
+                                                                       dict[str, str]]:
+    """The last set-up step: no CAP_SYS_ADMIN in the sandbox any more, no_new_privs, Landlock
+    (--landlock), the seccomp filter. Returns the filter's listener fd (None: violations are
+    not named) and notes for tapbox: "unnamed" (why violations are not named), "landlock"
+    (what Landlock enforces)."""
     from tapbox.isolate import seccomp  # here: tapbox itself does not pay for its import
 
     lib = seccomp.Libseccomp()
-    syscall_filter = seccomp.compile_filter(config.syscalls or seccomp.DEFAULT_POLICY, lib)
+    policy = config.syscalls or seccomp.DEFAULT_POLICY
+    # An allow list is the command's own to load (reaper.CommandSetup): pid 1 could not reap
+    # under it. Pid 1 keeps the terminal guard, and leaves the one listener a chain of filters
+    # may have to the command's filter.
+    pid1_policy, notify = (seccomp.GUARD_POLICY, False) if policy.is_allow_list \
+        else (policy, config.notify)
     capset = lib.syscall_number("capset")
     err = libc.prctl(PR_CAPBSET_DROP, CAP_SYS_ADMIN)
     if not err:
@@ -178,14 +201,23 @@ def _lock_down(libc: Libc, config: SandboxConfig) -> None:
     if err:
         reason = os.strerror(err) if err > 0 else "libseccomp does not know capset"
         raise SetupError(f"tapbox: dropping CAP_SYS_ADMIN in the sandbox: {reason}")
-    err = libc.prctl(PR_SET_NO_NEW_PRIVS, 1) or syscall_filter.load()
+    if not config.nest:
+        forbid_user_namespaces(libc, capset)
+    err = libc.prctl(PR_SET_NO_NEW_PRIVS, 1)
     if err:
-        raise SetupError(
-            f"tapbox: cannot install the sandbox's seccomp filter: {os.strerror(err)}: the "
-            "kernel needs CONFIG_SECCOMP_FILTER (and no seccomp profile above tapbox that "
-            "forbids it)"
-        )
-    syscall_filter.release()  # the kernel has its own copy
+        raise SetupError(f"tapbox: cannot set no_new_privs in the sandbox: {os.strerror(err)}")
+    notes: dict[str, str] = {}
+    if config.landlock:
+        from tapbox.isolate import landlock
+
+        try:
+            notes["landlock"] = landlock.enforce(plan)
+        except OSError as e:
+            raise SetupError(f"tapbox: --landlock: {e.strerror}: run without --landlock") from None
+    installed = seccomp.install(pid1_policy, lib, notify=notify)
+    if installed.unnamed_because:
+        notes["unnamed"] = installed.unnamed_because
+    return installed.listener, notes
 
 
 def _legacy_clone_nr() -> int | None:

@@ -25,6 +25,11 @@ class SandboxConfig:
     ipv6: bool = False  # also fd00::100/64 on tap0, default route via fd00::2
     vnet_hdr: bool = True  # IFF_VNET_HDR with checksum offload (the engine must expect it)
     syscalls: Policy | None = None  # CMD's seccomp filter; None: isolate.seccomp.DEFAULT_POLICY
+    notify: bool = True  # name refused system calls (a listener for tapbox's supervisor)
+    nest: bool = True  # False: --no-nest, no user namespaces inside (isolate.namespaces)
+    landlock: bool = False  # Landlock rules mirroring the plan's read-only parts (isolate.landlock)
+    # Resource limits of the command's process and its children: (RLIMIT_*, value) pairs.
+    rlimits: tuple[tuple[int, int], ...] = ()
     # Files the sandbox must not write (tapbox's own records: --log, --pcap, --learn): read-only
     # inside, and their directories cannot be renamed (isolate.plan).
     read_only_files: tuple[str, ...] = ()

@@ -5,7 +5,10 @@ How this works: the kernel answers a refused unshare(2), mount(2) or TAP ioctl w
 exists (`Host.collect()`: the namespace sysctls, which are per user namespace and so must be read
 before unshare, and whether tapbox runs unprivileged): a disabled or exhausted namespace limit,
 Ubuntu's AppArmor restriction of unprivileged user namespaces, a container's seccomp profile, the
-mode of /dev/net/tun. Each function returns the message; the caller raises it as a SetupError.
+mode of /dev/net/tun, and which user namespace tapbox itself runs in (the host's; another
+sandbox's or an `unshare -U` shell's, where a limit may come from the sandbox around it; or one
+where tapbox's uid has no mapping, in which no user namespace can be created). Each function
+returns the message; the caller raises it as a SetupError.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ class Host:
 
     unprivileged: bool
     sysctls: dict[str, str]  # path -> value, for the files that exist
+    # The user namespace tapbox runs in: "initial" (the host's), "nested" (a sandbox's, a
+    # container's, an `unshare -U` shell's) or "unmapped" (tapbox's uid has no mapping there).
+    userns: str = "initial"
 
     @classmethod
     def collect(cls) -> Host:
@@ -43,10 +49,32 @@ class Host:
                     values[path] = f.read().strip()
             except OSError:
                 pass
-        return cls(os.geteuid() != 0, values)
+        return cls(os.geteuid() != 0, values, _which_userns())
 
     def sysctl(self, path: str) -> str | None:
         return self.sysctls.get(path)
+
+
+def _which_userns() -> str:
+    try:
+        with open("/proc/self/uid_map", encoding="ascii") as f:
+            lines = f.read().split("\n")
+    except OSError:
+        return "initial"
+    maps = [line.split() for line in lines if line.strip()]
+    if not maps:
+        return "unmapped"
+    if maps == [["0", "0", "4294967295"]]:
+        return "initial"
+    uid = os.geteuid()
+    for inside, _outside, count in maps:
+        if int(inside) <= uid < int(inside) + int(count):
+            return "nested"
+    return "unmapped"
+
+
+NESTED_HINT = ("; inside another sandbox, that sandbox may forbid it (tapbox --no-nest, "
+               "bwrap --disable-userns): start the outer one without that option")
 
 
 def sysctl_name(path: str) -> str:
@@ -71,6 +99,13 @@ def unshare_failure(what: str, err: int, host: Host) -> str:
     """Message for a failed unshare() of the user namespace (what="user") or of the others."""
     noun = "namespace" if what == "user" else "namespaces"
     head = f"tapbox: cannot create the sandbox's {what} {noun}"
+    if what == "user" and host.userns == "unmapped":
+        return (
+            f"{head}: tapbox's user id has no mapping in the user namespace it runs in (an "
+            "`unshare -U` shell without -r or --map-current-user?): the kernel creates no user "
+            "namespace there; give it a mapping (unshare -U --map-current-user)"
+        )
+    nested = NESTED_HINT if host.userns == "nested" else ""
     limits = [MAX_USERNS] if what == "user" else [MAX_NETNS, MAX_MNTNS, MAX_PIDNS, MAX_IPCNS,
                                                     MAX_UTSNS]
     if what == "user" and host.unprivileged and host.sysctl(USERNS_CLONE) == "0":
@@ -82,10 +117,12 @@ def unshare_failure(what: str, err: int, host: Host) -> str:
     for path in limits:
         if host.sysctl(path) == "0":
             name = sysctl_name(path)
-            return f"{head}: disabled by {name} = 0: enable them with `sysctl -w {name}=15000`"
+            return (f"{head}: disabled by {name} = 0: enable them with "
+                    f"`sysctl -w {name}=15000`{nested}")
     if err == errno.ENOSPC:
         names = " and ".join(f"{sysctl_name(p)} (now {host.sysctl(p) or '?'})" for p in limits)
-        return f"{head}: the limit on namespaces is reached (ENOSPC): raise {names} with sysctl -w"
+        return (f"{head}: the limit on namespaces is reached (ENOSPC): raise {names} with "
+                f"sysctl -w{nested}")
     if err == errno.EPERM:
         hint = apparmor_hint(host)
         if hint is not None:
@@ -128,6 +165,17 @@ def mount_failure(step: str, err: int, host: Host, fix: str | None = None,
                 "mount rights, a security module or a seccomp profile?): run tapbox on the "
                 "host, or with --fs host")
     return f"tapbox: {step}{reason}: run with --fs host to use the host's files as they are"
+
+
+def tun_missing(device: str, host: Host) -> str:
+    """The TUN device does not exist: no tun module, or a sandbox around this one hides it."""
+    if host.userns == "nested":
+        return (
+            f"tapbox: {device} is missing here: inside another sandbox, give that one the "
+            f"device (tapbox --write {device}; bwrap --dev-bind {device} {device}), or run this "
+            "one with -n"
+        )
+    return f"tapbox: {device} is missing: load the tun module (modprobe tun) or run tapbox -n"
 
 
 def tun_permission_failure(device: str) -> str:

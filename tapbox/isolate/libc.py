@@ -53,6 +53,7 @@ PR_SET_NO_NEW_PRIVS = 38
 
 # <linux/capability.h>
 CAP_SYS_ADMIN = 21
+CAP_SYS_RESOURCE = 24
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 # open_tree(2) / move_mount(2)

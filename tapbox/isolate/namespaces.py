@@ -11,6 +11,14 @@ refused.
 
 A new PID namespace applies to the caller's children only: the process tapbox forked stays
 outside, and the next process it creates is pid 1 inside (tapbox.isolate.child).
+
+Nesting: by default a process in the sandbox may create user namespaces of its own (a tapbox,
+bubblewrap or a browser's sandbox inside); what it creates can only be narrower, since every
+namespace it makes is owned by the sandbox's. `--no-nest` forbids it the way bubblewrap's
+--disable-userns does: user.max_user_namespaces is set to 0 in the sandbox's own user namespace
+(the limit is per user namespace and checked in every ancestor, so no process inside can create
+one, through unshare, clone or clone3 alike), and CAP_SYS_RESOURCE, which could raise it again,
+leaves the sandbox (bounding set and pid 1's own sets), as CAP_SYS_ADMIN does.
 """
 
 from __future__ import annotations
@@ -19,8 +27,15 @@ import os
 import socket
 
 from tapbox.errors import SetupError
-from tapbox.isolate.diagnose import OTHER_NAMESPACES, Host, eperm_failure, unshare_failure
+from tapbox.isolate.diagnose import (
+    MAX_USERNS,
+    OTHER_NAMESPACES,
+    Host,
+    eperm_failure,
+    unshare_failure,
+)
 from tapbox.isolate.libc import (
+    CAP_SYS_RESOURCE,
     CLONE_NEWIPC,
     CLONE_NEWNET,
     CLONE_NEWNS,
@@ -29,6 +44,7 @@ from tapbox.isolate.libc import (
     CLONE_NEWUTS,
     MS_PRIVATE,
     MS_REC,
+    PR_CAPBSET_DROP,
     Libc,
 )
 
@@ -61,6 +77,23 @@ def enter_namespaces(libc: Libc, host: Host, uid: int, gid: int, root: bool) -> 
     err = libc.mount(None, "/", None, MS_REC | MS_PRIVATE)
     if err:
         raise SetupError(eperm_failure(f"making mounts private: {os.strerror(err)}", host))
+
+
+def forbid_user_namespaces(libc: Libc, capset_nr: int | None) -> None:
+    """--no-nest: no process of the sandbox can create a user namespace (see the module doc)."""
+    try:
+        write_proc(MAX_USERNS, "0\n")
+    except OSError as e:
+        raise SetupError(
+            f"tapbox: --no-nest: cannot set user.max_user_namespaces in the sandbox: "
+            f"{e.strerror} (kernel older than 4.9?): run without --no-nest"
+        ) from None
+    err = libc.prctl(PR_CAPBSET_DROP, CAP_SYS_RESOURCE)
+    if not err:
+        err = libc.drop_capability(CAP_SYS_RESOURCE, capset_nr) if capset_nr is not None else -1
+    if err:
+        reason = os.strerror(err) if err > 0 else "libseccomp does not know capset"
+        raise SetupError(f"tapbox: --no-nest: dropping CAP_SYS_RESOURCE in the sandbox: {reason}")
 
 
 def write_proc(path: str, content: str, missing_ok: bool = False) -> None:

@@ -22,11 +22,22 @@ default dispositions and unblocks them just before exec: a Ctrl-C typed during s
 the command before it runs, as it would have stopped it a moment later.
 
 The command's side of the fork: default dispositions for every caught signal and for SIGPIPE and
-SIGXFSZ (which Python ignores), an inherited ignore kept (as subprocess does), an empty mask, then
-execvp(argv) with the environment tapbox made for it (tapbox.isolate.environment: TAPBOX=1
-among others). On failure: "tapbox: CMD: strerror" and
-exit 127 (not found) or 126 (anything else), as env(1). no_new_privs and the seccomp filter were
-set on pid 1 already and carry over.
+SIGXFSZ (which Python ignores), an inherited ignore kept (as subprocess does), an empty mask, the
+resource limits (`CommandSetup.rlimits`: the command's, not pid 1's), then execvp(argv) with the
+environment tapbox made for it (tapbox.isolate.environment: TAPBOX=1 among others). On failure:
+"tapbox: CMD: strerror" and exit 127 (not found) or 126 (anything else), as env(1).
+no_new_privs and pid 1's seccomp filter carry over.
+
+An allow-list policy (`--syscalls strict`) is loaded here, by the command's process, as the last
+thing before exec (pid 1 could not reap under it). It lets through exactly one exec: execveat on
+a descriptor of the command opened just before (O_PATH, close-on-exec, so the program it
+becomes no longer has it), numbered just beyond the command's RLIMIT_NOFILE, where the program
+cannot put another file. Its listener - the fd that names violations - is handed to tapbox
+by pid 1, which takes it from the command's process with pidfd_getfd (the command's process
+could not send it itself: sendmsg is not in the policy) while the command waits on a pipe; the
+command execs once pid 1 says the listener is in tapbox's hands. If it cannot be handed over,
+pid 1 kills the command before it execs and says why (exit 125): violations would otherwise
+fail with ENOSYS instead of killing.
 """
 
 from __future__ import annotations
@@ -35,18 +46,38 @@ import contextlib
 import errno
 import os
 import signal
-from typing import NoReturn
+import socket
+from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 from tapbox.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_TAPBOX_FAILED
 from tapbox.isolate.libc import Libc
 from tapbox.isolate.signals import FORWARDED_SIGNALS, should_forward
 
+if TYPE_CHECKING:
+    from tapbox.isolate.syscalls import Policy
+
 WAITED = FORWARDED_SIGNALS | {signal.SIGCHLD}
+MSG_LISTENER = b"N"  # pid 1 -> tapbox after the start: the command's filter listener (SCM_RIGHTS)
+MSG_NO_LISTENER = b"n"  # ... or why there is none (the command's violations are not named)
+SYS_PIDFD_GETFD = 438  # the same number on every architecture
 
 
-def run(argv: list[str], env: dict[str, str], libc: Libc) -> NoReturn:
+class CommandSetup(NamedTuple):
+    """What the command's own process does before exec, besides restoring signals."""
+
+    policy: Policy | None = None  # an allow list to load (strict), or None
+    notify: bool = True  # name violations (hand the listener over through `sock`)
+    sock: socket.socket | None = None  # pid 1's control socket to tapbox, while it is needed
+    rlimits: tuple[tuple[int, int], ...] = ()  # (RLIMIT_*, value), soft and hard
+
+
+def run(argv: list[str], env: dict[str, str], libc: Libc,
+        setup: CommandSetup | None = None) -> NoReturn:
     """Fork and exec the command, then serve as pid 1 until it exits (every signal blocked)."""
+    setup = setup or CommandSetup()
     early = _take_pending()
+    handoff = os.pipe2(os.O_CLOEXEC) if setup.policy is not None else None  # command -> pid 1
+    ack = os.pipe2(os.O_CLOEXEC) if setup.policy is not None else None  # pid 1 -> command
     try:
         command = os.fork()
     except OSError as e:  # tapbox has closed the control socket by now: say it on stderr
@@ -56,7 +87,15 @@ def run(argv: list[str], env: dict[str, str], libc: Libc) -> NoReturn:
         os._exit(EXIT_TAPBOX_FAILED)
     if command == 0:  # pragma: no cover - the command's side: leaves through exec or _exit
         _restore_signals(libc)
-        _exec(argv, env)
+        _set_rlimits(setup.rlimits)
+        if setup.policy is None:
+            _exec(argv, env)
+        assert handoff is not None and ack is not None
+        _exec_confined(argv, env, setup, handoff[1], ack[0])
+    if handoff is not None and ack is not None:
+        os.close(handoff[1])
+        os.close(ack[0])
+        _take_listener(command, setup, handoff[0], ack[1])
     for signo in early:
         _send(command, signo)
     while True:
@@ -109,11 +148,144 @@ def _exec(argv: list[str], env: dict[str, str]) -> NoReturn:
     try:
         os.execvpe(argv[0], argv, env)
     except OSError as e:
-        code = EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE
-        reason = e.strerror or str(e)
+        _exec_failed(argv, e)
+
+
+def _exec_failed(argv: list[str], e: OSError) -> NoReturn:
+    code = EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE
+    reason = e.strerror or str(e)
+    with contextlib.suppress(OSError):
+        os.write(2, os.fsencode(f"tapbox: {argv[0]}: {reason}\n"))
+    os._exit(code)
+
+
+def _set_rlimits(rlimits: tuple[tuple[int, int], ...]) -> None:
+    import resource
+
+    for which, value in rlimits:
+        try:
+            resource.setrlimit(which, (value, value))
+        except (OSError, ValueError) as e:
+            with contextlib.suppress(OSError):
+                os.write(2, os.fsencode(f"tapbox: cannot set a resource limit: {e}\n"))
+            os._exit(EXIT_TAPBOX_FAILED)
+
+
+def _exec_confined(argv: list[str], env: dict[str, str], setup: CommandSetup, handoff: int,
+                   ack: int) -> NoReturn:
+    """Load the allow list, hand its listener over, exec the command through an fd."""
+    from tapbox.isolate import seccomp
+    from tapbox.isolate.syscalls import AT_EMPTY_PATH, Allow, ArgCmp, Rule
+
+    path = _which(argv[0], env.get("PATH"))
+    try:
+        exe = _out_of_reach(os.open(path, os.O_PATH | os.O_CLOEXEC))
+    except OSError as e:
+        _exec_failed(argv, e)
+    exec_rule = Rule("execveat", Allow(), (ArgCmp.eq(0, exe),
+                                           ArgCmp.masked_eq(4, AT_EMPTY_PATH, AT_EMPTY_PATH)),
+                     "the command's own exec, once: its fd is gone after it")
+    assert setup.policy is not None
+    try:
+        installed = seccomp.install(setup.policy, notify=setup.notify, extra=(exec_rule,))
+    except Exception as e:  # noqa: BLE001 - one line, then out
         with contextlib.suppress(OSError):
-            os.write(2, os.fsencode(f"tapbox: {argv[0]}: {reason}\n"))
-        os._exit(code)
+            os.write(2, os.fsencode(f"{e}\n"))
+        os._exit(EXIT_TAPBOX_FAILED)
+    # From here on only what the policy allows: write, read, close, the exec.
+    if installed.listener is None:
+        os.write(handoff, b"-" + (installed.unnamed_because or "").encode()[:200])
+    else:
+        os.write(handoff, b"%d" % installed.listener)
+    if os.read(ack, 1) != b"G":
+        os._exit(EXIT_TAPBOX_FAILED)
+    try:
+        os.execve(exe, argv, env)
+    except OSError as e:
+        _exec_failed(argv, e)
+
+
+def _out_of_reach(fd: int) -> int:
+    """Move `fd` to the first number the command cannot allocate: its RLIMIT_NOFILE soft
+    limit (lowered by one where it equals the hard limit, to make room). dup2 and F_DUPFD
+    refuse that number and the allow list cannot raise the limit, so after exec nothing can put
+    another file there for the exec rule to let through."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return fd
+    target = soft if hard == resource.RLIM_INFINITY or soft < hard else hard - 1
+    if target <= fd:
+        return fd
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target + 1, hard))
+        moved = os.dup2(fd, target, inheritable=False)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError):
+        return fd
+    os.close(fd)
+    return moved
+
+
+def _which(name: str, path: str | None) -> str:
+    """execvp's search: a name with a slash as it is, else the first executable on PATH."""
+    if "/" in name:
+        return name
+    for directory in (path if path is not None else os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return name  # not found: the open fails with ENOENT, as exec would
+
+
+def _take_listener(command: int, setup: CommandSetup, handoff: int, ack: int) -> None:
+    """Pid 1: take the command's listener (pidfd_getfd), pass it to tapbox, let it exec."""
+    import ctypes
+
+    sock = setup.sock
+    word = os.read(handoff, 256)
+    os.close(handoff)
+    failure = ""
+    if not word:
+        failure = "the command's process failed before its filter was loaded"
+    elif word.startswith(b"-"):
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.send(MSG_NO_LISTENER + word[1:])
+    else:
+        fd = -1
+        try:
+            pidfd = os.pidfd_open(command)
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.syscall.restype = ctypes.c_long
+                fd = int(libc.syscall(ctypes.c_long(SYS_PIDFD_GETFD), ctypes.c_int(pidfd),
+                                      ctypes.c_int(int(word)), ctypes.c_uint(0)))
+                if fd < 0:
+                    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+            finally:
+                os.close(pidfd)
+            if sock is None:
+                raise OSError(errno.EBADF, "no control socket")
+            socket.send_fds(sock, [MSG_LISTENER], [fd])
+        except (OSError, ValueError) as e:
+            failure = (f"cannot hand the command's seccomp listener to tapbox: {e} (kernel "
+                       "older than 5.6?): run without --syscalls strict")
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    if sock is not None:
+        sock.close()
+    if failure:
+        _send(command, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.write(2, f"tapbox: {failure}\n".encode())
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(command, 0)
+        os._exit(EXIT_TAPBOX_FAILED)
+    os.write(ack, b"G")
+    os.close(ack)
 
 
 def _restore_signals(libc: Libc) -> None:

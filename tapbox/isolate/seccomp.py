@@ -2,15 +2,25 @@
 
 How this works
 --------------
-A policy is data: a default `Action` and a tuple of `Rule`s (a syscall by name, an action, and
-argument comparisons). `compile_filter()` turns it into a libseccomp filter context: syscall
-names are resolved by libseccomp for every architecture in the filter (never a table of numbers
-here), and libseccomp emits the BPF. Pid 1 of the sandbox builds and loads it (`Filter.load()`)
-as the last step of its set-up, after no_new_privs, so nothing of tapbox's own set-up runs under
-it, and a failure is one line and exit 125 before the command exists. The command inherits it
-across fork and exec, and so does everything it starts; pid 1 is under it too, so a command that
-may ptrace pid 1 (uid 0 inside) gains nothing by it. (A future policy that forbids what pid 1
-itself needs - fork, wait, kill - would be loaded in the command's process instead, before exec.)
+A policy is data (tapbox.isolate.syscalls: a default action and rules by system-call name).
+`compile_filter()` turns it into a libseccomp filter context: names are resolved by libseccomp
+for every architecture in the filter (never a table of numbers here), and libseccomp emits the
+BPF. `install()` loads it on the calling thread, which passes it on across fork and exec.
+
+Naming violations: with `notify=True` every refusing action (an errno, a kill) becomes
+SECCOMP_RET_USER_NOTIF, and loading returns a listener fd. The process that makes a refused
+call then waits until the supervisor (tapbox.isolate.supervisor, outside the sandbox) reads the
+notification - who, which call - and answers with the policy's errno, or kills the process. The
+kernel allows one listener in a task's chain of filters: inside another sandbox that holds one
+(a nested tapbox), loading with a listener fails, and `install()` loads the same policy with
+plain actions instead (refused as before, just not named).
+
+Which process loads which policy (tapbox.isolate.child and reaper): a deny list (the default,
+`off`) is loaded by pid 1 of the sandbox as the last step of its set-up, so that pid 1 is
+under it too and a command that may ptrace pid 1 (uid 0 inside) gains nothing by it. An allow
+list (`strict`) would stop pid 1 from reaping, so pid 1 loads only the terminal guard and the
+command's own process loads the allow list just before exec (which it then allows only through
+a descriptor of the command: execveat on that fd).
 
 Architectures: a filter only checks the architectures it was built for, and kills a process
 that makes a system call through another ABI (libseccomp's default "bad arch" action). So the
@@ -18,168 +28,51 @@ native architecture's compat ABIs (x86 and x32 on x86_64, arm on aarch64) are ad
 program in the sandbox runs under the same rules instead of being killed, and `int 0x80` is no
 way around them.
 
-Today's policy (`DEFAULT_POLICY`): allow everything except terminal injection. TIOCSTI pushes
-characters into a terminal's input queue, so a sandboxed program on the user's terminal could
-type a command that the user's shell runs after tapbox exits, outside every namespace; TIOCLINUX
-(virtual consoles) can do the same through its paste selection. Both fail with EPERM. The
-comparison is on the low 32 bits of the request (SCMP_CMP_MASKED_EQ with mask 0xffffffff): the
-kernel truncates ioctl's `cmd` to 32 bits, so a 64-bit equality test would miss TIOCSTI with high
-bits set (Flatpak's CVE-2019-10063). Job control (TIOCSPGRP), window size (TIOCGWINSZ,
-TIOCSWINSZ) and every other ioctl stay allowed.
-
-libseccomp >= 2.4 is required: older versions generated wrong 64-bit argument comparisons
-(CVE-2019-9893). If libseccomp is missing or refuses the filter, the command does not run.
+Names libseccomp does not know: an allow rule for one is left out (the call stays refused,
+the stricter choice); any other rule naming one is a SetupError (a deny list that cannot deny
+is not loaded). libseccomp >= 2.4 is required: older versions generated wrong 64-bit argument
+comparisons (CVE-2019-9893). If libseccomp is missing or refuses the filter, the command does
+not run.
 """
 
 from __future__ import annotations
 
 import ctypes
-import enum
 import errno
 import os
 from typing import NamedTuple
 
 from tapbox.errors import SetupError
+from tapbox.isolate.syscalls import (
+    ACT_NOTIFY,
+    DEFAULT_POLICY,
+    GUARD_POLICY,
+    TERMINAL_GUARD,
+    Action,
+    Allow,
+    ArgCmp,
+    Errno,
+    KillProcess,
+    Log,
+    Policy,
+    Rule,
+    is_violation,
+)
+
+__all__ = ["DEFAULT_POLICY", "GUARD_POLICY", "TERMINAL_GUARD", "Action", "Allow", "ArgCmp",
+           "Errno", "Filter", "Installed", "KillProcess", "Libseccomp", "Log", "Policy", "Rule",
+           "compile_filter", "install"]
 
 LIBRARY = "libseccomp.so.2"
 MIN_VERSION = (2, 4, 0)
 INSTALL_HINT = "install libseccomp (Debian/Ubuntu: apt install libseccomp2)"
-
-# <linux/seccomp.h> / <seccomp.h> action values
-_ACT_KILL_PROCESS = 0x80000000
-_ACT_ERRNO = 0x00050000
-_ACT_LOG = 0x7FFC0000
-_ACT_ALLOW = 0x7FFF0000
-
-# ioctl requests (<asm-generic/ioctls.h>; the same on every architecture Linux runs on)
-TIOCSTI = 0x5412
-TIOCLINUX = 0x541C
-IOCTL_CMD_MASK = 0xFFFFFFFF  # the kernel's `unsigned int cmd`
+_FLTATR_API_SYSRAWRC = 9  # enum scmp_filter_attr: return the kernel's errno, not ECANCELED
 
 # The compat ABIs a native architecture can also run (names as libseccomp spells them).
 COMPAT_ARCHES: dict[str, tuple[str, ...]] = {
     "x86_64": ("x86", "x32"),
     "aarch64": ("arm",),
 }
-
-
-# ----- the policy, as data ----------------------------------------------------------------------
-
-
-# Actions, rules and policies are small immutable tuples (NamedTuple: this module is imported on
-# every start, and a dataclass costs ~10 times more to define). Each action carries its kind, so
-# that two actions compare equal only when they are the same action.
-
-
-class Allow(NamedTuple):
-    kind: str = "allow"
-
-    def value(self) -> int:
-        return _ACT_ALLOW
-
-    def describe(self) -> str:
-        return "allow"
-
-
-class Errno(NamedTuple):
-    errno: int
-    kind: str = "errno"
-
-    def value(self) -> int:
-        return _ACT_ERRNO | (self.errno & 0xFFFF)
-
-    def describe(self) -> str:
-        return f"fail with {errno.errorcode.get(self.errno, str(self.errno))}"
-
-
-class KillProcess(NamedTuple):
-    kind: str = "kill-process"
-
-    def value(self) -> int:
-        return _ACT_KILL_PROCESS
-
-    def describe(self) -> str:
-        return "kill the process"
-
-
-class Log(NamedTuple):
-    """Allow, and have the kernel log the call (audit)."""
-
-    kind: str = "log"
-
-    def value(self) -> int:
-        return _ACT_LOG
-
-    def describe(self) -> str:
-        return "allow and log"
-
-
-Action = Allow | Errno | KillProcess | Log
-
-
-class Cmp(enum.IntEnum):
-    """enum scmp_compare."""
-
-    NE = 1
-    LT = 2
-    LE = 3
-    EQ = 4
-    GE = 5
-    GT = 6
-    MASKED_EQ = 7  # (arg & mask) == value
-
-
-_CMP_TEXT = {Cmp.NE: "!=", Cmp.LT: "<", Cmp.LE: "<=", Cmp.EQ: "==", Cmp.GE: ">=", Cmp.GT: ">"}
-
-
-class ArgCmp(NamedTuple):
-    """A test on argument `arg` (0-5) of the system call."""
-
-    arg: int
-    op: Cmp
-    value: int
-    mask: int = 0  # MASKED_EQ only
-
-    @classmethod
-    def masked_eq(cls, arg: int, mask: int, value: int) -> ArgCmp:
-        return cls(arg, Cmp.MASKED_EQ, value, mask)
-
-    def describe(self) -> str:
-        if self.op is Cmp.MASKED_EQ:
-            return f"(arg{self.arg} & {self.mask:#x}) == {self.value:#x}"
-        return f"arg{self.arg} {_CMP_TEXT[self.op]} {self.value:#x}"
-
-
-class Rule(NamedTuple):
-    syscall: str
-    action: Action
-    args: tuple[ArgCmp, ...] = ()
-    why: str = ""
-
-    def describe(self) -> str:
-        cond = " and ".join(a.describe() for a in self.args)
-        where = f" if {cond}" if cond else ""
-        why = f"  # {self.why}" if self.why else ""
-        return f"{self.syscall}{where}: {self.action.describe()}{why}"
-
-
-class Policy(NamedTuple):
-    default: Action
-    rules: tuple[Rule, ...]
-
-    def describe(self) -> list[str]:
-        return [f"default: {self.default.describe()}", *(r.describe() for r in self.rules)]
-
-
-def _ioctl_request(request: int, why: str) -> Rule:
-    return Rule("ioctl", Errno(errno.EPERM), (ArgCmp.masked_eq(1, IOCTL_CMD_MASK, request),), why)
-
-
-TERMINAL_INJECTION: tuple[Rule, ...] = (
-    _ioctl_request(TIOCSTI, "TIOCSTI: typing into the terminal"),
-    _ioctl_request(TIOCLINUX, "TIOCLINUX: console paste into the terminal"),
-)
-DEFAULT_POLICY = Policy(Allow(), TERMINAL_INJECTION)
 
 
 # ----- libseccomp through ctypes ------------------------------------------------------------------
@@ -202,6 +95,55 @@ class _Version(ctypes.Structure):
     _fields_ = [("major", ctypes.c_uint), ("minor", ctypes.c_uint), ("micro", ctypes.c_uint)]
 
 
+class SeccompData(ctypes.Structure):
+    """struct seccomp_data."""
+
+    _fields_ = [("nr", ctypes.c_int), ("arch", ctypes.c_uint32),
+                ("instruction_pointer", ctypes.c_uint64), ("args", ctypes.c_uint64 * 6)]
+
+
+class Notif(ctypes.Structure):
+    """struct seccomp_notif: a refused call waiting for the supervisor's answer."""
+
+    _fields_ = [("id", ctypes.c_uint64), ("pid", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("data", SeccompData)]
+
+
+class NotifResp(ctypes.Structure):
+    """struct seccomp_notif_resp: `error` is a negative errno."""
+
+    _fields_ = [("id", ctypes.c_uint64), ("val", ctypes.c_int64), ("error", ctypes.c_int32),
+                ("flags", ctypes.c_uint32)]
+
+
+_PROTOTYPES: dict[str, tuple[object, list[object]]] = {
+    "seccomp_version": (ctypes.POINTER(_Version), []),
+    "seccomp_init": (ctypes.c_void_p, [ctypes.c_uint32]),
+    "seccomp_release": (None, [ctypes.c_void_p]),
+    "seccomp_attr_set": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]),
+    "seccomp_arch_native": (ctypes.c_uint32, []),
+    "seccomp_arch_resolve_name": (ctypes.c_uint32, [ctypes.c_char_p]),
+    "seccomp_arch_add": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_uint32]),
+    "seccomp_syscall_resolve_name": (ctypes.c_int, [ctypes.c_char_p]),
+    "seccomp_syscall_resolve_num_arch": (ctypes.c_void_p, [ctypes.c_uint32, ctypes.c_int]),
+    "seccomp_rule_add_array": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                              ctypes.c_uint, ctypes.POINTER(_ArgCmp)]),
+    "seccomp_load": (ctypes.c_int, [ctypes.c_void_p]),
+    "seccomp_export_pfc": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int]),
+}
+# The user-notification calls appeared in libseccomp 2.5: without them violations are refused
+# but not named.
+_NOTIFY_PROTOTYPES: dict[str, tuple[object, list[object]]] = {
+    "seccomp_notify_fd": (ctypes.c_int, [ctypes.c_void_p]),
+    "seccomp_notify_alloc": (ctypes.c_int, [ctypes.POINTER(ctypes.POINTER(Notif)),
+                                            ctypes.POINTER(ctypes.POINTER(NotifResp))]),
+    "seccomp_notify_free": (None, [ctypes.POINTER(Notif), ctypes.POINTER(NotifResp)]),
+    "seccomp_notify_receive": (ctypes.c_int, [ctypes.c_int, ctypes.POINTER(Notif)]),
+    "seccomp_notify_respond": (ctypes.c_int, [ctypes.c_int, ctypes.POINTER(NotifResp)]),
+    "seccomp_notify_id_valid": (ctypes.c_int, [ctypes.c_int, ctypes.c_uint64]),
+}
+
+
 class Libseccomp:
     """The libseccomp functions tapbox uses, with their C prototypes."""
 
@@ -214,34 +156,23 @@ class Libseccomp:
                 "command without its seccomp filter"
             ) from None
         try:
-            lib.seccomp_version.restype = ctypes.POINTER(_Version)
-            lib.seccomp_version.argtypes = []
-            lib.seccomp_init.restype = ctypes.c_void_p
-            lib.seccomp_init.argtypes = [ctypes.c_uint32]
-            lib.seccomp_release.restype = None
-            lib.seccomp_release.argtypes = [ctypes.c_void_p]
-            lib.seccomp_arch_native.restype = ctypes.c_uint32
-            lib.seccomp_arch_native.argtypes = []
-            lib.seccomp_arch_resolve_name.restype = ctypes.c_uint32
-            lib.seccomp_arch_resolve_name.argtypes = [ctypes.c_char_p]
-            lib.seccomp_arch_add.restype = ctypes.c_int
-            lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
-            lib.seccomp_syscall_resolve_name.restype = ctypes.c_int
-            lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-            lib.seccomp_rule_add_array.restype = ctypes.c_int
-            lib.seccomp_rule_add_array.argtypes = [
-                ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
-                ctypes.POINTER(_ArgCmp),
-            ]
-            lib.seccomp_load.restype = ctypes.c_int
-            lib.seccomp_load.argtypes = [ctypes.c_void_p]
-            lib.seccomp_export_pfc.restype = ctypes.c_int
-            lib.seccomp_export_pfc.argtypes = [ctypes.c_void_p, ctypes.c_int]
+            for name, (restype, argtypes) in _PROTOTYPES.items():
+                func = getattr(lib, name)
+                func.restype = restype
+                func.argtypes = argtypes
         except AttributeError as e:  # seccomp_version() appeared in 2.3
             raise SetupError(
                 f"tapbox: {LIBRARY} lacks {e.name or 'a function tapbox needs'}: it is older than "
                 f"{'.'.join(map(str, MIN_VERSION))}: upgrade it ({INSTALL_HINT})"
             ) from None
+        self.can_notify = True
+        for name, (restype, argtypes) in _NOTIFY_PROTOTYPES.items():
+            func = getattr(lib, name, None)
+            if func is None:
+                self.can_notify = False
+                continue
+            func.restype = restype
+            func.argtypes = argtypes
         self.lib = lib
         v = lib.seccomp_version().contents
         self.version = (v.major, v.minor, v.micro)
@@ -251,6 +182,9 @@ class Libseccomp:
                 f"{'.'.join(map(str, MIN_VERSION))} (wrong 64-bit argument comparisons, "
                 f"CVE-2019-9893): upgrade it ({INSTALL_HINT})"
             )
+        self._libc = ctypes.CDLL(None)
+        self._libc.free.argtypes = [ctypes.c_void_p]
+        self._libc.free.restype = None
 
     def arch_token(self, name: str) -> int:
         return int(self.lib.seccomp_arch_resolve_name(name.encode()))
@@ -260,21 +194,41 @@ class Libseccomp:
         nr = int(self.lib.seccomp_syscall_resolve_name(name.encode()))
         return None if nr == -1 else nr  # __NR_SCMP_ERROR
 
+    def syscall_name(self, arch: int, nr: int) -> str | None:
+        """The name of system call `nr` of architecture `arch` (an AUDIT_ARCH value, which is
+        libseccomp's token), None if libseccomp does not know it."""
+        ptr = self.lib.seccomp_syscall_resolve_num_arch(arch, nr)
+        if not ptr:
+            return None
+        try:
+            return ctypes.string_at(ptr).decode("ascii", "replace")
+        finally:
+            self._libc.free(ptr)
+
 
 class Filter:
-    """A compiled filter (a libseccomp context), to be loaded once, just before exec."""
+    """A compiled filter (a libseccomp context), to be loaded once."""
 
-    def __init__(self, lib: Libseccomp, ctx: int, policy: Policy, arches: tuple[str, ...]) -> None:
+    def __init__(self, lib: Libseccomp, ctx: int, policy: Policy, arches: tuple[str, ...],
+                 notify: bool = False) -> None:
         self._lib = lib
         self._ctx: int | None = ctx
         self.policy = policy
         self.arches = arches
+        self.notify = notify
 
     def load(self) -> int:
         """Install the filter on the calling thread (and what it execs): 0 or an errno."""
         assert self._ctx is not None
         rc = int(self._lib.lib.seccomp_load(self._ctx))
         return -rc if rc < 0 else 0
+
+    def listener(self) -> int | None:
+        """After load() of a notifying filter: the listener fd (close-on-exec)."""
+        if not self.notify or self._ctx is None:
+            return None
+        fd = int(self._lib.lib.seccomp_notify_fd(self._ctx))
+        return fd if fd >= 0 else None
 
     def export_pfc(self, fd: int) -> None:
         """Write the filter as libseccomp's pseudo-C to fd (for debugging and tests)."""
@@ -287,20 +241,70 @@ class Filter:
             self._lib.lib.seccomp_release(ctx)
 
 
-def compile_filter(policy: Policy, lib: Libseccomp | None = None) -> Filter:
-    """Build the libseccomp context for `policy`; SetupError (one line) if it cannot be built."""
+def compile_filter(policy: Policy, lib: Libseccomp | None = None, notify: bool = False,
+                   extra: tuple[Rule, ...] = ()) -> Filter:
+    """Build the libseccomp context for `policy` (plus `extra` rules, which the supervisor does
+    not judge: they never refuse); SetupError (one line) if it cannot be built. With `notify`,
+    refusing actions become user notifications (see the module doc)."""
     lib = lib or Libseccomp()
-    ctx = lib.lib.seccomp_init(policy.default.value())
+    notify = notify and lib.can_notify
+    default = _kernel_action(policy.default, notify)
+    ctx = lib.lib.seccomp_init(default)
     if not ctx:
         raise SetupError("tapbox: seccomp_init failed (out of memory?): try again")
     try:
+        lib.lib.seccomp_attr_set(ctx, _FLTATR_API_SYSRAWRC, 1)
         arches = _add_compat_arches(lib, ctx)
-        for rule in policy.rules:
-            _add_rule(lib, ctx, rule)
+        for rule in (*policy.rules, *extra):
+            action = _kernel_action(rule.action, notify)
+            if action != default:
+                _add_rule(lib, ctx, rule, action)
     except BaseException:
         lib.lib.seccomp_release(ctx)
         raise
-    return Filter(lib, ctx, policy, arches)
+    return Filter(lib, ctx, policy, arches, notify)
+
+
+def _kernel_action(action: Action, notify: bool) -> int:
+    return ACT_NOTIFY if notify and is_violation(action) else action.value()
+
+
+class Installed(NamedTuple):
+    """A loaded filter: its listener fd when violations are named, else why they are not."""
+
+    listener: int | None
+    unnamed_because: str | None = None
+
+
+def install(policy: Policy, lib: Libseccomp | None = None, notify: bool = True,
+            extra: tuple[Rule, ...] = ()) -> Installed:
+    """Load `policy` on the calling thread, naming violations when it can (one listener per
+    chain of filters: inside a sandbox that already holds one, refused calls are not named).
+    Returns an errno-free Installed or raises SetupError; no_new_privs must be set."""
+    lib = lib or Libseccomp()
+    why_unnamed = None if lib.can_notify else f"{LIBRARY} is older than 2.5"
+    if notify and lib.can_notify:
+        flt = compile_filter(policy, lib, True, extra)
+        try:
+            err = flt.load()
+            if not err:
+                return Installed(flt.listener())
+        finally:
+            flt.release()
+        why_unnamed = ("another seccomp supervisor is in charge here (a sandbox around this "
+                       f"one?): {os.strerror(err)}")
+    flt = compile_filter(policy, lib, False, extra)
+    try:
+        err = flt.load()
+    finally:
+        flt.release()
+    if err:
+        raise SetupError(
+            f"tapbox: cannot install the sandbox's seccomp filter: {os.strerror(err)}: the "
+            "kernel needs CONFIG_SECCOMP_FILTER (and no seccomp profile above tapbox that "
+            "forbids it)"
+        )
+    return Installed(None, why_unnamed if notify else None)
 
 
 def _add_compat_arches(lib: Libseccomp, ctx: int) -> tuple[str, ...]:
@@ -323,18 +327,20 @@ def _add_compat_arches(lib: Libseccomp, ctx: int) -> tuple[str, ...]:
     return tuple(added)
 
 
-def _add_rule(lib: Libseccomp, ctx: int, rule: Rule) -> None:
+def _add_rule(lib: Libseccomp, ctx: int, rule: Rule, action: int) -> None:
     nr = lib.syscall_number(rule.syscall)
     if nr is None:
+        if rule.action.kind == "allow":
+            return  # unknown to libseccomp: the call stays refused, the stricter choice
         raise SetupError(
             f"tapbox: seccomp: libseccomp does not know the system call {rule.syscall!r}: "
             f"upgrade it ({INSTALL_HINT})"
         )
     cmps = (_ArgCmp * max(1, len(rule.args)))()
     for i, cmp in enumerate(rule.args):
-        a, b = (cmp.mask, cmp.value) if cmp.op is Cmp.MASKED_EQ else (cmp.value, 0)
+        a, b = (cmp.mask, cmp.value) if cmp.op == 7 else (cmp.value, 0)  # MASKED_EQ
         cmps[i] = _ArgCmp(cmp.arg, int(cmp.op), a, b)
-    rc = int(lib.lib.seccomp_rule_add_array(ctx, rule.action.value(), nr, len(rule.args), cmps))
+    rc = int(lib.lib.seccomp_rule_add_array(ctx, action, nr, len(rule.args), cmps))
     if rc < 0:
         raise SetupError(
             f"tapbox: seccomp: libseccomp refused the rule '{rule.describe()}': "

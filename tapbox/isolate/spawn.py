@@ -28,13 +28,15 @@ Suggested use (cli)::
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from tapbox.errors import SetupError
 from tapbox.isolate import plan as plan_mod
@@ -45,11 +47,16 @@ from tapbox.isolate.child import (
     MSG_READY,
     PID_FORMAT,
     READY_LAYER,
+    READY_LISTENER,
     READY_TAP,
     child_main,
 )
 from tapbox.isolate.config import SandboxConfig
 from tapbox.isolate.environment import command_environment
+from tapbox.isolate.syscalls import DEFAULT_POLICY, GUARD_POLICY, Policy
+
+if TYPE_CHECKING:
+    from tapbox.isolate.supervisor import Supervisor, Violation
 
 # How long spawn() waits for the child to report set-up done (pyroute2's import alone is ~0.2 s).
 SETUP_TIMEOUT = 60.0
@@ -67,6 +74,11 @@ class Sandbox:
     # A descriptor of the home directory's throwaway layer (the project view), for counting
     # what the sandbox wrote there (tapbox.isolate.discarded); closed by close().
     layer_fd: int | None = None
+    # The seccomp listener of the filter pid 1 loaded (tapbox.isolate.supervisor names what it
+    # refuses), or None, and then `unnamed_because` may say why.
+    listener: int | None = None
+    unnamed_because: str = ""
+    landlock: str = ""  # with --landlock: what it enforces (or why nothing), for -v
 
     def __init__(self, pid: int, sock: socket.socket, pidfd: int | None) -> None:
         self.pid = pid
@@ -77,15 +89,40 @@ class Sandbox:
         self._status: int | None = None
         self._wait_lock = threading.Lock()
         self._trio_waiting = False
+        self._command_policy: Policy | None = None  # an allow list whose violations are named
+        self._late: socket.socket | None = None  # the socket, kept for its listener
+        self._private: list[str] = []  # files bound in (resolv.conf...), removed by close()
+        self.supervisor: Supervisor | None = None
+
+    def _supervise(self, policy: Policy,
+                   on_violation: Callable[[Violation], None] | None) -> None:
+        """Start the supervisor thread if anything is to be named (pid 1's filter, or later the
+        command's)."""
+        if self.listener is None and self._command_policy is None:
+            return
+        from tapbox.isolate.supervisor import Supervisor
+
+        self.supervisor = Supervisor(on_violation).start()
+        if self.listener is not None:
+            listener, self.listener = self.listener, None
+            self.supervisor.add(listener, GUARD_POLICY if policy.is_allow_list else policy)
+
+    @property
+    def violations(self) -> list[Violation]:
+        """The refused system calls named so far (at most supervisor.MAX_KEPT)."""
+        return self.supervisor.violations if self.supervisor is not None else []
 
     @classmethod
     def spawn(cls, config: SandboxConfig,
-              meanwhile: Callable[[], object] | None = None) -> Sandbox:
+              meanwhile: Callable[[], object] | None = None,
+              on_violation: Callable[[Violation], None] | None = None) -> Sandbox:
         """Fork the child and return once it is set up (TAP fd received) and waiting for start().
 
         Call it before trio.run() or any thread starts, from the main thread.
         `meanwhile` runs in the parent while the child sets up (e.g. the engine's imports: the
         two overlap on a multi-core machine). Raises SetupError naming cause and fix.
+        Refused system calls are answered by the sandbox's supervisor thread, which passes
+        each to `on_violation` (from that thread) and keeps them in `violations`.
         """
         if not config.argv:
             raise SetupError("tapbox: no command given: usage: tapbox [OPTIONS] -- CMD [ARGS...]")
@@ -127,41 +164,51 @@ class Sandbox:
                 pidfd = None
             sandbox = cls(pid, parent_sock, pidfd)
             sandbox.plan = plan
+            policy = config.syscalls or DEFAULT_POLICY
+            sandbox._command_policy = policy if policy.is_allow_list and config.notify else None
             try:
                 if meanwhile is not None:
                     meanwhile()
                 sandbox._receive_ready(config.network)
+                sandbox._supervise(policy, on_violation)
             except BaseException:
                 sandbox.kill()
                 sandbox.wait_status()
                 sandbox.close()
                 raise
+            # Kept until close(): a file bind-mounted inside must stay linked, or a sandbox in
+            # this one cannot mount its own resolv.conf over it (the kernel refuses to mount on
+            # a deleted file: ENOENT).
+            sandbox._private, private = private, []
             return sandbox
         finally:
-            # The child has bind-mounted them (the mount keeps the inode) or failed: either way
-            # the names are no longer needed.
+            # The child failed: the names are no longer needed.
             for path in private:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
 
     def _receive_ready(self, network: bool) -> None:
-        """Wait for pid 1's pid (b"P") and its readiness (b"R", with the TAP fd and the home
-        layer's); keep those in tap_fd and layer_fd."""
+        """Wait for pid 1's pid (b"P") and its readiness: b"R", a byte of flags (the TAP fd,
+        the home layer's, the seccomp listener follow, in that order, as SCM_RIGHTS) and notes
+        (JSON: "unnamed", why violations are not named; "landlock", what Landlock enforces).
+        Keep the descriptors in tap_fd, layer_fd and listener."""
         assert self._sock is not None
-        ready: tuple[int, list[int]] | None = None
+        ready: tuple[bytes, list[int]] | None = None
         while ready is None or self._setup_pid is not None:
             msg, fds = self._receive()
             if msg.startswith(MSG_PID) and len(msg) == 1 + PID_FORMAT.size and not fds:
                 self._adopt(PID_FORMAT.unpack_from(msg, 1)[0])
-            elif msg.startswith(MSG_READY) and len(msg) == 2 and ready is None:
-                ready = msg[1], fds
+            elif msg.startswith(MSG_READY) and len(msg) >= 2 and ready is None:
+                ready = msg[1:], fds
             else:
                 for fd in fds:
                     os.close(fd)
                 self._fail(msg)
         self._sock.settimeout(None)
-        flags, fds = ready
-        expected = [flag for flag in (READY_TAP, READY_LAYER) if flags & flag]
+        assert ready is not None
+        body, fds = ready
+        flags = body[0]
+        expected = [flag for flag in (READY_TAP, READY_LAYER, READY_LISTENER) if flags & flag]
         if len(fds) != len(expected) or (network and READY_TAP not in expected):
             for fd in fds:
                 os.close(fd)
@@ -172,8 +219,16 @@ class Sandbox:
                 self.tap_fd = fd
             elif flag == READY_LAYER:
                 self.layer_fd = fd
+            elif flag == READY_LISTENER:
+                self.listener = fd
             else:
                 os.close(fd)
+        try:
+            notes = json.loads(body[1:].decode("utf-8", "replace") or "{}")
+        except ValueError:
+            notes = {}
+        self.unnamed_because = str(notes.get("unnamed", ""))
+        self.landlock = str(notes.get("landlock", ""))
 
     def _receive(self) -> tuple[bytes, list[int]]:
         assert self._sock is not None
@@ -233,7 +288,44 @@ class Sandbox:
             return
         with contextlib.suppress(OSError):  # child already gone: wait_status() tells how
             sock.send(MSG_GO, socket.MSG_NOSIGNAL)
-        sock.close()
+        if self._command_policy is None:
+            sock.close()
+            return
+        self._late = sock
+        threading.Thread(target=self._take_command_listener, name="tapbox-listener",
+                         daemon=True).start()
+
+    def _take_command_listener(self) -> None:
+        fd, why = self._command_listener()
+        if fd is not None and self.supervisor is not None and self._command_policy is not None:
+            self.supervisor.add(fd, self._command_policy)
+        elif fd is not None:
+            os.close(fd)
+        else:
+            self.unnamed_because = why
+
+    def _command_listener(self) -> tuple[int | None, str]:
+        """After start(), with an allow-list policy (strict) that names violations: wait for
+        the listener of the command's own filter (reaper.CommandSetup). Returns (fd, "") or
+        (None, why there is none). Blocks until pid 1 hands it over or exits."""
+        sock, self._late = self._late, None
+        if sock is None:
+            return None, ""
+        from tapbox.isolate.reaper import MSG_LISTENER, MSG_NO_LISTENER
+
+        try:
+            msg, fds = _recv_with_fds(sock)
+        except OSError as e:
+            return None, str(e)
+        finally:
+            sock.close()
+        if msg.startswith(MSG_LISTENER) and len(fds) == 1:
+            return fds[0], ""
+        for fd in fds:
+            os.close(fd)
+        if msg.startswith(MSG_NO_LISTENER):
+            return None, msg[1:].decode("utf-8", "replace")
+        return None, "the command did not start"
 
     def send_signal(self, signo: int) -> None:
         """Send a signal to the child; a no-op once it has been reaped."""
@@ -259,6 +351,26 @@ class Sandbox:
                 if not self._trio_waiting:
                     self._close_pidfd()
             return self._status
+
+    def wait_status_within(self, timeout: float) -> bool:
+        """Block until the child exits or `timeout` seconds pass; whether it exited (then
+        wait_status() returns at once)."""
+        if self._status is not None:
+            return True
+        if self._pidfd is not None:
+            import select
+
+            poller = select.poll()
+            poller.register(self._pidfd, select.POLLIN)
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                if poller.poll(max(1, int(left * 1000))):
+                    return True
+            return False
+        waiter = threading.Thread(target=self.wait_status, daemon=True)  # kernel < 5.3
+        waiter.start()
+        waiter.join(timeout)
+        return not waiter.is_alive()
 
     async def wait(self) -> int:
         """trio: wait for the child to exit (cancellable) and return wait_status().
@@ -291,12 +403,23 @@ class Sandbox:
 
         Closing the control socket before start() makes the child exit 125 without exec.
         """
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        for attr in ("_sock", "_late"):
+            sock = getattr(self, attr)
+            if sock is not None:
+                sock.close()
+                setattr(self, attr, None)
         if self.layer_fd is not None:
             os.close(self.layer_fd)
             self.layer_fd = None
+        if self.listener is not None:
+            os.close(self.listener)
+            self.listener = None
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        private, self._private = self._private, []
+        for path in private:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         if not self._trio_waiting:
             self._close_pidfd()
 

@@ -18,7 +18,7 @@ import os
 import struct
 
 from tapbox.errors import SetupError
-from tapbox.isolate.diagnose import Host, eperm_failure, tun_permission_failure
+from tapbox.isolate.diagnose import Host, eperm_failure, tun_missing, tun_permission_failure
 from tapbox.layout import (
     GATEWAY_ADDRESS,
     GATEWAY_ADDRESS6,
@@ -48,9 +48,7 @@ def open_tap(host: Host, vnet_hdr: bool) -> int:
     try:
         fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise SetupError(
-            f"tapbox: {TUN_DEVICE} is missing: load the tun module (modprobe tun) or run tapbox -n"
-        ) from None
+        raise SetupError(tun_missing(TUN_DEVICE, host)) from None
     except PermissionError:
         raise SetupError(tun_permission_failure(TUN_DEVICE)) from None
     except OSError as e:
