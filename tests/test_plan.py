@@ -549,6 +549,10 @@ def test_the_overlay_view_makes_every_readable_directory_copy_on_write(
                                2: stat.S_IMODE(os.stat(home).st_mode)}
     assert layer.dirs == ["/etc", "/usr", home]
     assert plan.home is None and plan.notices == ()
+    from tapbox.isolate import landlock  # --landlock reads every operation of this view
+
+    rules = landlock.rules_for(plan)
+    assert rules.unknown is None and "/usr" in rules.writable and "/home" not in rules.writable
     # --write punches a real hole in it
     plan = rootfs.project_plan(FilesystemOptions(view="overlay", paths=(
         PathRule("write", str(tree / "home/u/proj")),)), host, None, (), layer)
