@@ -296,12 +296,15 @@ def test_write_is_a_real_hole_and_nothing_changed_is_nothing_kept(run_tapbox: Ru
 def test_the_event_log_records_file_changes(run_tapbox: RunTapbox, root_world: World,
                                             fakenet: fn.FakeNet) -> None:
     world = root_world
-    log = world.root / "run.jsonl"
+    log = world.proj / "run.jsonl"  # where the command sees it: read-only, even through a layer
     proc = run_tapbox("--fs", "overlay", "--log", str(log), "-q",
-                      cmd=["sh", "-c", "echo x > mod.txt; rm gone.txt; echo n > 'n\nl'"],
+                      cmd=["sh", "-c", "echo x > mod.txt; rm gone.txt; echo n > 'n\nl'; "
+                                       "echo forged >> run.jsonl; rm -f run.jsonl; true"],
                       env=world.env(), cwd=world.proj, timeout=SHORT)
     assert proc.returncode == 0, proc.stderr
+    assert "Read-only file system" in proc.stderr
     events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert "forged\n" not in log.read_text() and all("event" in e for e in events)
     changes = {(e["change"], e["path"]) for e in events if e["event"] == "file_change"}
     p = world.proj
     assert changes == {("modified", f"{p}/mod.txt"), ("deleted", f"{p}/gone.txt"),

@@ -321,9 +321,17 @@ def read_only_file(ctx: _Context, op: ReadOnlyFile) -> None:
     if not _same_file(ctx.source(op.path), op.dev, op.ino, must_exist=True):
         return  # pragma: no cover - _same_file raised
     dest = ctx.dest(op.path)
-    if ctx.building and not _same_file(dest, op.dev, op.ino, must_exist=False):
+    source = dest
+    if ctx.building and op.layered:  # through an overlay: the same inode, the overlay's device
+        try:
+            if os.stat(dest).st_ino != op.ino:
+                return  # a copy of the sandbox's (a --changes-dir continued): not tapbox's
+        except OSError:
+            return
+        source = ctx.source(op.path)
+    elif ctx.building and not _same_file(dest, op.dev, op.ino, must_exist=False):
         return  # the sandbox sees another file there, or none: nothing of tapbox's to protect
-    err = ctx.libc.mount(dest, dest, None, MS_BIND) or _remount_read_only(ctx.libc, dest)
+    err = ctx.libc.mount(source, dest, None, MS_BIND) or _remount_read_only(ctx.libc, dest)
     if err:
         raise ctx.fail(f"making {op.path} read-only in the sandbox", err)
 

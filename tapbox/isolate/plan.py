@@ -207,11 +207,14 @@ class FreshProc(NamedTuple):
 
 
 class ReadOnlyFile(NamedTuple):
-    """Bind the regular file `path` read-only over itself; it must still be (dev, ino)."""
+    """Bind the regular file `path` read-only over itself; it must still be (dev, ino).
+    `layered`: the sandbox sees it through a copy-on-write overlay (the overlay view), which
+    shows the same inode number on a device of its own: the host's file is bound there."""
 
     path: str
     dev: int
     ino: int
+    layered: bool = False
 
     def describe(self) -> str:
         return f"read-only {self.path}"

@@ -54,6 +54,7 @@ from tapbox.isolate.plan import (
     PivotRoot,
     Plan,
     ReadOnly,
+    ReadOnlyFile,
     Symlink,
     Tmpfs,
 )
@@ -265,7 +266,8 @@ def project_plan(fs: FilesystemOptions, host: HostFacts, resolv: BindFile | None
                 modes[ops[i].layer] = _mode(op.path)
     if resolv is not None:
         ops.append(resolv)
-    ops.extend(records)
+    ops.extend(op._replace(layered=True) if overlay and isinstance(op, ReadOnlyFile) else op
+               for op in records)
     ops.append(ReadOnly("/", "the new root"))
     ops.append(ReadOnly("/dev", "the minimal /dev"))
     ops.extend(ReadOnly(op.path, "hidden") for op in layered if isinstance(op, Hide)
