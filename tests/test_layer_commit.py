@@ -232,6 +232,7 @@ def test_a_large_file_and_hard_links(tmp_path: Path) -> None:
     os.link(upper / "big", upper / "big-link")
     assert commit(layer, read_changes(layer).items).ok
     assert (host / "big").read_bytes() == data and (host / "big-link").read_bytes() == data
+    assert (host / "big").stat().st_ino == (host / "big-link").stat().st_ino  # still linked
 
 
 def test_a_layer_deeper_than_the_limit_is_reported_not_walked_forever(tmp_path: Path) -> None:

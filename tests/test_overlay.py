@@ -219,6 +219,7 @@ def test_every_write_goes_to_the_layer_then_commit(run_tapbox: RunTapbox, world:
     assert os.readlink(p / "escape") == "../outside-target"
     assert os.listdir(world.root / "outside-target") == []
     assert (p / "hardlink.txt").read_text() == "added\n"
+    assert (p / "hardlink.txt").stat().st_ino == (p / "added.txt").stat().st_ino
     assert stat.S_IMODE((p / "chmodme.txt").stat().st_mode) == 0o600
     assert (p / "big.bin").stat().st_size == 30_000_000
     assert (p / os.fsdecode(os.fsencode(ODD))).read_bytes() == b"x"
@@ -416,6 +417,11 @@ def test_the_prompt_on_a_terminal(root_world: World) -> None:
     status, out = on_pty(argv, env, p, [(PROMPT, b"d\n")])
     assert status == 0 and len(world.layers()) == 2 and b"discarded 1 modified" in out
     assert (p / "mod.txt").read_text() == "x\n"
+    # Ctrl-C at the prompt keeps the layer, and the command's status stays.
+    argv[-1] = "echo i > mod.txt; exit 7"
+    status, out = on_pty(argv, env, p, [(PROMPT, b"\x03")])
+    assert status == 7 and len(world.layers()) == 3 and b"are kept in layer" in out, out
+    assert b"Traceback" not in out
 
 
 def test_commands_of_the_layers_need_one(root_world: World) -> None:

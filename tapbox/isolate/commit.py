@@ -17,7 +17,8 @@ them to the host in three passes:
    setuid/setgid) and mtime, synced, and renamed over the old one: a crash leaves the old file
    or the new, never half of one. Symlinks are committed as symlinks (their target is not
    looked at), FIFOs as FIFOs, directories get their mode and mtime once their contents are in.
-   Hard links in the layer are committed as separate files.
+   Names hard-linked in the layer are committed as hard links (copies where the host cannot
+   link them, as across filesystems).
 3. each committed change is removed from the layer, and directories of the layer left empty
    are removed: a partial commit leaves the rest, and committing again finds nothing to do.
 
@@ -101,6 +102,7 @@ def commit(layer: LayerDir, items: Iterable[Change], force: bool = False) -> Res
     blocked = [c.path for c, _ in (*result.conflicts, *result.refused)]
     # Deletions first, then the rest in order (a directory before what is in it).
     ordered = [c for c in todo if c.kind == "deleted"] + [c for c in todo if c.kind != "deleted"]
+    links: dict[tuple[int, int], Change] = {}  # a hard-linked file of the layer: its first name
     for change in ordered:
         if change.kind == "modified" and not change.detail and change.what != "dir":
             _forget(layer, change)  # the same as the host's: nothing to write
@@ -112,7 +114,7 @@ def commit(layer: LayerDir, items: Iterable[Change], force: bool = False) -> Res
             blocked.append(change.path)
             continue
         try:
-            _apply(layer, change)
+            _apply(layer, change, links)
         except Conflict as exc:
             result.conflicts.append((change, str(exc)))
             blocked.append(change.path)
@@ -204,7 +206,7 @@ def _newer_below(parent: int, name: str, baseline: int) -> str:
 # Applying
 
 
-def _apply(layer: LayerDir, change: Change) -> None:
+def _apply(layer: LayerDir, change: Change, links: dict[tuple[int, int], Change]) -> None:
     if change.what == "gone":
         return
     parent, name = _host_parent(layer, change, create=change.kind != "deleted")
@@ -222,7 +224,12 @@ def _apply(layer: LayerDir, change: Change) -> None:
             if change.what == "dir":
                 _make_dir(parent, name)
             elif change.what == "file":
+                key = (st.st_dev, st.st_ino)
+                if key in links and _link(layer, links[key], parent, name):
+                    return
                 _write_file(lparent, name, parent, st)
+                if st.st_nlink > 1:
+                    links.setdefault(key, change)
             elif change.what == "symlink":
                 target = os.readlink(name, dir_fd=lparent)
                 _replace(parent, name, lambda tmp: _symlink(target, tmp, parent, st))
@@ -234,6 +241,25 @@ def _apply(layer: LayerDir, change: Change) -> None:
             os.close(lparent)
     finally:
         os.close(parent)
+
+
+def _link(layer: LayerDir, first: Change, parent: int, name: str) -> bool:
+    """Commit another name of a file hard-linked in the layer as a hard link to the one
+    committed first (False: not possible, say across filesystems; then it is copied)."""
+    try:
+        first_parent, first_name = _host_parent(layer, first, create=False)
+    except (Conflict, OSError):
+        return False
+    if first_parent is None:
+        return False
+    try:
+        _replace(parent, name, lambda tmp: os.link(first_name, tmp, src_dir_fd=first_parent,
+                                                   dst_dir_fd=parent, follow_symlinks=False))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(first_parent)
 
 
 def _symlink(target: str, tmp: str, parent: int, st: os.stat_result) -> None:
