@@ -569,3 +569,20 @@ def test_a_continued_layer_keeps_its_numbers(tree: Path) -> None:
     layer.meta["dirs"] = ["/usr", "/old"]  # as an earlier run left it
     plan = rootfs.project_plan(FilesystemOptions(view="overlay"), host, None, (), layer)
     assert KeptOverlay("/usr", 0) in plan.ops and KeptOverlay("/etc", 2) in plan.ops
+
+
+def test_a_home_under_a_directory_tapbox_cannot_read_gets_its_own_layer(
+        tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/home of mode 0711: not layered as a whole (tapbox cannot list it), but the home and
+    the working directory in it are still copy-on-write."""
+    from tapbox.isolate.layerdir import LayerDir
+    from tapbox.isolate.plan import KeptOverlay
+
+    monkeypatch.setattr(rootfs.os, "access", lambda path, mode: True)
+    layer = LayerDir.create(str(tree / "layer"), ["make"], "/home/u/proj")
+    host = facts(tree, readable=frozenset({"usr"}))._replace(home="/home/u",
+                                                               cwd="/home/u/proj")
+    plan = rootfs.project_plan(FilesystemOptions(view="overlay"), host, None, (), layer)
+    assert Bind("/home", "/home", writable=False) in plan.ops
+    overlays = [op.path for op in plan.ops if isinstance(op, KeptOverlay)]
+    assert overlays == ["/usr", "/home/u"]  # the working directory is in the home's layer

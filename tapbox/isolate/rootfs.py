@@ -231,10 +231,16 @@ def project_plan(fs: FilesystemOptions, host: HostFacts, resolv: BindFile | None
     layers: list[Op] = []
     if overlay:  # the home and the working directory, where the view replaced their tops
         notice = cwd_notice(host, fs.paths, overlay=True)
+        # Each gets an overlay of its own where its top-level directory has none: one the
+        # view replaces (a home or project under /tmp), or one tapbox cannot read itself (a
+        # /home of mode 0711).
         done: list[str] = []
         for path in (host.home if host.home_layer else None, None if notice else host.cwd):
-            if path is not None and _top(path) in ("tmp", "run") and path.count("/") > 1 and \
-                    not any(_covers(d, path) for d in done):
+            if path is None or path.count("/") < 2 or any(_covers(d, path) for d in done):
+                continue
+            top = _top(path)
+            if top in ("tmp", "run") or (top not in REPLACED and top not in host.readable
+                                         and os.access(path, os.R_OK | os.X_OK)):
                 layers.extend(copy_on_write(path, host.mounts, kept=True))
                 done.append(path)
     else:
