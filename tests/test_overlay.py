@@ -71,6 +71,8 @@ def make_world(uid: int) -> World:
     (p / "chmodme.txt").write_text("mode\n")
     (p / "olddir").mkdir()
     (p / "olddir" / "inner.txt").write_text("inner\n")
+    (p / "remade").mkdir()
+    (p / "remade" / "old.txt").write_text("old\n")
     (p / "same.txt").write_text("untouched\n")
     (world.home / ".bashrc").write_text("# the original\n")
     (root / "outside-target").mkdir()
@@ -165,6 +167,7 @@ rm gone.txt
 echo added > added.txt
 mkdir -p newdir/deeper && echo deep > newdir/deeper/f
 rm -r olddir
+rm -r remade && mkdir remade && echo new > remade/new.txt
 mv torename.txt renamed.txt
 ln -s /etc/hostname link
 ln -s ../outside-target escape
@@ -202,6 +205,7 @@ def test_every_write_goes_to_the_layer_then_commit(run_tapbox: RunTapbox, world:
                  f"A symlink {p}/escape (-> ../outside-target)", f"A file    {p}/hardlink.txt",
                  f"M file    {p}/chmodme.txt (5 bytes; mode changed)",
                  f"A file    {p}/big.bin (28.6 MB)", f"M file    {h}/.bashrc",
+                 f"D file    {p}/remade/old.txt", f"A file    {p}/remade/new.txt",
                  f"A file    {p}/odd\\x0aname\\x1b[1m\\udcff"):
         assert line in listing, f"{line!r} not in\n{listing}"
     entries = listing.split("\n", 1)[1]  # after the header naming the command
@@ -213,6 +217,7 @@ def test_every_write_goes_to_the_layer_then_commit(run_tapbox: RunTapbox, world:
     tapbox_cli(world, "commit", layer_id)
     assert (p / "mod.txt").read_text() == "old line\nnew line\n"
     assert not (p / "gone.txt").exists() and not (p / "olddir").exists()
+    assert os.listdir(p / "remade") == ["new.txt"]  # the opaque directory replaced the old
     assert not (p / "torename.txt").exists() and (p / "renamed.txt").read_text() == "renamed\n"
     assert (p / "newdir" / "deeper" / "f").read_text() == "deep\n"
     assert os.readlink(p / "link") == "/etc/hostname"
@@ -463,6 +468,35 @@ def test_dpkg_installs_into_the_layer_and_a_continued_layer_uses_it(run_tapbox: 
     listing = tapbox_cli(world, "changes", str(layer)).stdout
     assert "A file    /usr/bin/tapbox-test-hello (36 bytes)" in listing
     assert "M file    /var/lib/dpkg/status" in listing
+
+
+def test_make_install_into_the_home_then_use_it_from_the_continued_layer(
+        run_tapbox: RunTapbox, world: World) -> None:
+    """`make install` to ~/.local (a build, then an install): in the layer, usable by the next
+    run on the same layer, and the host's home untouched until the commit."""
+    if shutil.which("make") is None or shutil.which("cc") is None:
+        pytest.fail("make and a C compiler are needed (Debian: make, gcc)", pytrace=False)
+    p = world.proj
+    (p / "hello.c").write_text('#include <stdio.h>\nint main(void) { puts("built here"); '
+                               'return 0; }\n')
+    (p / "Makefile").write_text("hello: hello.c\n\tcc -o hello hello.c\n"
+                                "install: hello\n\tmkdir -p $(HOME)/.local/bin\n"
+                                "\tinstall -m 755 hello $(HOME)/.local/bin/hello\n")
+    for name in ("hello.c", "Makefile"):
+        os.lchown(p / name, world.uid, world.uid)
+    layer = world.root / "layer"
+    if world.user is not None:
+        layer.mkdir()
+        os.chown(layer, world.uid, world.uid)
+    sandbox(run_tapbox, world, "make -s install", "--changes-dir", str(layer))
+    assert not (world.home / ".local").exists() and not (p / "hello").exists()
+    proc = sandbox(run_tapbox, world, "$HOME/.local/bin/hello", "--changes-dir", str(layer))
+    assert proc.stdout == "built here\n"
+    tapbox_cli(world, "commit", str(layer), str(world.home / ".local"))
+    assert subprocess.run([str(world.home / ".local/bin/hello")], capture_output=True,
+                          text=True).stdout == "built here\n"
+    assert not (p / "hello").exists()  # the build in the project: still only in the layer
+    assert f"A file    {p}/hello" in tapbox_cli(world, "changes", str(layer)).stdout
 
 
 def test_root_without_privileges_says_what_it_cannot_do(run_tapbox: RunTapbox,
