@@ -289,9 +289,9 @@ def run(command: Sequence[str], options: RunOptions) -> int:
     fs = options.filesystem
     if options.environment.root and os.getuid() != 0 and options.record.report != "quiet":
         print("tapbox: --root --fs overlay: the sandbox's root cannot write the host's "
-              "root-owned directories (/usr, /etc, /var/lib...): their owner is not mapped in "
-              "its user namespace (docs/overlay.md); package managers will fail there",
-              file=sys.stderr)
+              "root-owned directories (/usr, /etc, /var/lib...) nor switch to another user: "
+              "only your id is mapped in its user namespace, so package managers will fail "
+              "(docs/overlay.md)", file=sys.stderr)
     layer = LayerDir.create(fs.changes_dir, command, os.getcwd())
     try:
         status = _run(command, options, layer)

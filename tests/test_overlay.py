@@ -440,12 +440,8 @@ def test_commands_of_the_layers_need_one(root_world: World) -> None:
 # Installing packages (the mbox use case)
 
 
-@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="not a Debian system: no dpkg")
-def test_dpkg_installs_into_the_layer_and_a_continued_layer_uses_it(run_tapbox: RunTapbox,
-                                                                    root_world: World) -> None:
-    """As root (the suite runs as root): a package built here is installed into the layer,
-    the host's /usr and dpkg database untouched; a second run on the same layer runs it."""
-    world = root_world
+def build_deb(world: World) -> None:
+    """proj/hello.deb: a package with one script, /usr/bin/tapbox-test-hello."""
     pkg = world.root / "pkg"
     (pkg / "DEBIAN").mkdir(parents=True)
     (pkg / "usr" / "bin").mkdir(parents=True)
@@ -457,6 +453,38 @@ def test_dpkg_installs_into_the_layer_and_a_continued_layer_uses_it(run_tapbox: 
     tool.chmod(0o755)
     subprocess.run(["dpkg-deb", "-b", str(pkg), str(world.proj / "hello.deb")], check=True,
                    capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("apt-get") is None, reason="not a Debian system: no apt")
+def test_apt_get_as_root_installs_into_the_layer(run_tapbox: RunTapbox,
+                                                 root_world: World) -> None:
+    """tapbox run by root with --root maps every id, so apt can drop to its _apt user and
+    set its groups (with one id mapped it fails: "seteuid 42 failed"). No network: a local
+    package file."""
+    world = root_world
+    build_deb(world)
+    status = Path("/var/lib/dpkg/status").read_bytes()
+    layer = world.root / "layer"
+    proc = sandbox(run_tapbox, world, "apt-get install -y ./hello.deb 2>&1; id -u _apt && "
+                                      "setpriv --reuid=_apt id -u", "--root", "--changes-dir",
+                   str(layer))
+    assert "Setting up tapbox-test-hello (1.0)" in proc.stdout, proc.stdout
+    assert "failed" not in proc.stdout, proc.stdout
+    apt_uid = proc.stdout.strip().splitlines()[-2]
+    assert proc.stdout.strip().splitlines()[-1] == apt_uid  # another user, inside
+    assert not Path("/usr/bin/tapbox-test-hello").exists()
+    assert Path("/var/lib/dpkg/status").read_bytes() == status
+    proc = sandbox(run_tapbox, world, "tapbox-test-hello", "--changes-dir", str(layer))
+    assert proc.stdout == "hello from the layer\n"
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="not a Debian system: no dpkg")
+def test_dpkg_installs_into_the_layer_and_a_continued_layer_uses_it(run_tapbox: RunTapbox,
+                                                                    root_world: World) -> None:
+    """As root (the suite runs as root): a package built here is installed into the layer,
+    the host's /usr and dpkg database untouched; a second run on the same layer runs it."""
+    world = root_world
+    build_deb(world)
     status = Path("/var/lib/dpkg/status").read_bytes()
     layer = world.root / "layer"
     sandbox(run_tapbox, world, "dpkg -i hello.deb >/dev/null", "--root", "--changes-dir",
