@@ -537,11 +537,11 @@ def test_the_overlay_view_makes_every_readable_directory_copy_on_write(
     layers = after_base(plan)
     # The home lies under /tmp here (the view's own): an overlay of its own, which also covers
     # the working directory in it; no writable working directory; the layers hidden.
-    assert layers[:4] == [
-        KeptOverlay(home, 2), Tmpfs("/run/user/1000", 0o700, "$XDG_RUNTIME_DIR, empty"),
-        Hide(str(tree / "data/tapbox/changes"), True, 0o111, "", "the copy-on-write layers"),
-        Hide(layer.path, True, 0, "", "the copy-on-write layers"),
-    ]
+    assert layers[:2] == [
+        KeptOverlay(home, 2), Tmpfs("/run/user/1000", 0o700, "$XDG_RUNTIME_DIR, empty")]
+    hides = [Hide(str(tree / "data/tapbox/changes"), True, 0o111, "", "the kept layers"),
+             Hide(layer.path, True, 0, "", "the kept layers")]
+    assert all(op in plan.ops for op in hides)
     assert not any(isinstance(op, Bind) and op.writable for op in plan.ops)
     assert Hide(f"{home}/.ssh", True, 0, "", "a secret") in plan.ops  # secrets: still hidden
     assert dict(plan.kept) == {0: stat.S_IMODE(os.stat("/etc").st_mode),
@@ -558,6 +558,20 @@ def test_the_overlay_view_makes_every_readable_directory_copy_on_write(
         PathRule("write", str(tree / "home/u/proj")),)), host, None, (), layer)
     assert Bind(str(tree / "home/u/proj"), str(tree / "home/u/proj"), writable=True,
                 purpose="--write") in plan.ops
+    # ... but no path option shows the layers: their hiding comes after every one of them
+    plan = rootfs.project_plan(FilesystemOptions(view="overlay", paths=(
+        PathRule("write", str(tree / "data")), PathRule("read", str(tree / "data/tapbox")))),
+        host, None, (), layer)
+    ops = list(plan.ops)
+    assert ops.index(hides[0]) > ops.index(Bind(str(tree / "data/tapbox"),
+                                                 str(tree / "data/tapbox"), writable=False,
+                                                 purpose="--read"))
+    assert ops.index(hides[1]) > ops.index(hides[0])
+    # The project view hides them too: a sandbox that may write them could forge a layer.
+    project_ops = rootfs.project_plan(FilesystemOptions(paths=(
+        PathRule("write", str(tree / "data")),)), host, None, ()).ops
+    assert Hide(str(tree / "data/tapbox/changes"), True, 0, "", "the kept layers") in \
+        project_ops
 
 
 def test_a_continued_layer_keeps_its_numbers(tree: Path) -> None:

@@ -251,13 +251,17 @@ def project_plan(fs: FilesystemOptions, host: HostFacts, resolv: BindFile | None
             layers.append(Bind(host.cwd, host.cwd, writable=True,
                                purpose="the working directory"))
     layers.append(Tmpfs(host.runtime_dir, 0o700, "$XDG_RUNTIME_DIR, empty"))
-    if kept is not None:  # the layers themselves: out of the sandbox's sight and reach
-        for path in dict.fromkeys((os.path.realpath(changes_root()), kept.path)):
-            if os.path.isdir(path):
-                layers.append(Hide(path, True, 0, "", "the copy-on-write layers"))
     secrets = [hide_op(path, is_dir, "", "a secret") for path, is_dir, _ in host.secrets]
     names = {path: named for path, _d, named in host.secrets}
     layered = layer([*layers, *secrets], fs.paths, host.cwd, "", secrets, names)
+    # The kept layers, last, so that no path option can show them: a sandbox that could
+    # write a layer (or its metadata) could make a later commit write where it likes.
+    kept_dirs = [p for p in dict.fromkeys((os.path.realpath(changes_root()),
+                                           kept.path if kept is not None else ""))
+                 if p and os.path.isdir(p)]
+    for path in kept_dirs:
+        inside = any(other.startswith(path + "/") for other in kept_dirs)
+        layered.append(Hide(path, True, 0o111 if inside else 0, "", "the kept layers"))
     _check_cwd_visible(layered, host.cwd)
     overlays = [HomeOverlay(op.path, n) for n, op in
                 enumerate(op for op in layered if isinstance(op, HomeOverlay))]
