@@ -71,7 +71,8 @@ class Changes:
 
     @property
     def bytes(self) -> int:
-        return sum(c.size for c in self.items if c.kind != "deleted")
+        """What the shown changes hold: the sizes of the files added or modified."""
+        return sum(c.size for c in self.shown if c.kind != "deleted")
 
     def __bool__(self) -> bool:
         return bool(self.items)
