@@ -51,7 +51,8 @@ MIN_LOG_LIMIT = 4096  # room for the start event and the truncation notice
 
 IPv6Mode = Literal["auto", "on", "off"]
 SyscallMode = Literal["default", "strict", "off"]  # tapbox.isolate.syscalls.MODES
-FilesystemView = Literal["project", "host"]
+FilesystemView = Literal["project", "host", "overlay"]
+OnExit = Literal["ask", "commit", "keep", "discard"]
 PathAction = Literal["write", "read", "hide", "tmpfs"]
 PATH_ACTIONS: tuple[PathAction, ...] = ("write", "read", "hide", "tmpfs")
 Report = Literal["auto", "summary", "quiet"]
@@ -143,12 +144,17 @@ class FilesystemOptions(_Part):
     copy-on-write to a throwaway layer, private /tmp, /dev/shm, /run and $XDG_RUNTIME_DIR, a
     minimal /dev, secrets hidden. "host": the host's filesystem as it is (a private
     resolv.conf aside). `paths` (--write/--read/--hide/--tmpfs) are applied after the view,
-    in order: later wins. The copy-on-write issue (10) adds "overlay" and where its layers
-    are kept.
+    in order: later wins. "overlay": like "project", but every write anywhere (the home
+    and the working directory included) goes to a kept layer, reviewed and committed
+    afterwards (docs/overlay.md); `changes_dir` is where that layer is kept (default
+    $XDG_DATA_HOME/tapbox/changes/ID) and `on_exit` what happens to it when the command
+    ends (ask: a prompt on a terminal, else keep).
     """
 
     view: FilesystemView = "project"
     paths: tuple[PathRule, ...] = field(default=(), metadata=ADDS | PATH)
+    changes_dir: str | None = field(default=None, metadata=PATH)  # --changes-dir DIR
+    on_exit: OnExit = "ask"  # --on-exit
 
 
 @dataclass(frozen=True)
@@ -306,6 +312,15 @@ class RunOptions:
                 elif rule.action in PATH_ACTIONS and given.endswith("="):
                     label = f"{rule.action}="
                 raise fail("filesystem.paths", f"{label}: {problem}")
+        fs = self.filesystem
+        for path, used in (("filesystem.changes_dir", fs.changes_dir is not None),
+                           ("filesystem.on_exit", fs.on_exit != "ask")):
+            if used and fs.view != "overlay":
+                add = "--fs overlay" if name(path).startswith("--") else \
+                    'filesystem.view = "overlay"'
+                raise fail(path, f"{name(path)} is for the copy-on-write view: add {add}")
+        if fs.changes_dir is not None and ("\0" in fs.changes_dir or not fs.changes_dir):
+            raise fail("filesystem.changes_dir", f"{name('filesystem.changes_dir')}: not a path")
         env = self.environment
         for path, items, check in (("environment.setenv", env.setenv, _setenv_problem),
                                    ("environment.unsetenv", env.unsetenv, _variable_problem)):

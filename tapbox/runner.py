@@ -41,6 +41,7 @@ from tapbox.options import AllowRule, RunOptions
 if TYPE_CHECKING:
     from tapbox.audit import Audit
     from tapbox.eventlog import EventLog
+    from tapbox.isolate.layerdir import LayerDir
     from tapbox.isolate.supervisor import Violation
     from tapbox.isolate.syscalls import Policy
     from tapbox.learn import Learner
@@ -323,11 +324,37 @@ def _open_recording(command: Sequence[str], options: RunOptions) -> Recording:
 def run(command: Sequence[str], options: RunOptions) -> int:
     """Run `command` as `options` say (validated: RunOptions.from_layers or .validate());
     returns the exit status. Raises TapboxError if tapbox fails before the command runs.
+    In the copy-on-write view, the layer is then kept, committed or discarded
+    (tapbox.review)."""
+    if options.filesystem.view != "overlay":
+        return _run(command, options, None)
+    from tapbox.isolate.layerdir import LayerDir
 
-    The `tapbox` command's way: signals sent to tapbox are passed on to the command, and the
+    fs = options.filesystem
+    if options.environment.root and os.getuid() != 0 and options.record.report != "quiet":
+        print("tapbox: --root --fs overlay: the sandbox's root cannot write the host's "
+              "root-owned directories (/usr, /etc, /var/lib...) nor switch to another user: "
+              "only your id is mapped in its user namespace, so package managers will fail "
+              "(docs/overlay.md)", file=sys.stderr)
+    layer = LayerDir.create(fs.changes_dir, command, os.getcwd())
+    try:
+        status = _run(command, options, layer)
+    except BaseException:
+        if layer.meta.get("runs") == 1 and fs.changes_dir is None:
+            layer.remove()  # nothing ran: nothing to keep
+        raise
+    layer.finish(status)
+    from tapbox.review import at_exit
+
+    return at_exit(layer, fs.on_exit, status)
+
+
+def _run(command: Sequence[str], options: RunOptions, layer: LayerDir | None) -> int:
+    """The `tapbox` command's way: signals sent to tapbox are passed on to the command, and the
     file descriptor limit is raised for the engine's sockets (tapbox.api runs in a program
     that keeps its own signals and limits: it uses prepare() and serve() alone)."""
     prepared = prepare(command, options)
+    prepared.layer = layer
     try:
         forwarder = SignalForwarder()
         try:
@@ -365,6 +392,7 @@ class Prepared:
     # Refused system calls, from the sandbox's supervisor to the audit layer (Sandbox.spawn's
     # on_violation).
     violations: ViolationSink = field(default_factory=ViolationSink)
+    layer: LayerDir | None = None  # the copy-on-write view's layer (--fs overlay)
 
     @property
     def network(self) -> bool:
@@ -382,7 +410,8 @@ class Prepared:
                              filesystem=self.options.filesystem, setenv=env.setenv,
                              unsetenv=env.unsetenv, clearenv=env.clearenv,
                              syscalls=self.policy, nest=confine.nest,
-                             landlock=confine.landlock, rlimits=self.rlimits, **process)
+                             landlock=confine.landlock, rlimits=self.rlimits,
+                             layer=self.layer, **process)
 
     def meanwhile(self) -> None:
         """What the parent does while the sandbox sets itself up (Sandbox.spawn)."""
@@ -454,7 +483,7 @@ def serve(prepared: Prepared, sandbox: Sandbox) -> int:
 
             status = trio.run(_serve, sandbox, prepared.rules, prepared.upstreams,
                               prepared.command, options, prepared.ipv6, prepared.recording,
-                              prepared.host, violations)
+                              prepared.host, violations, prepared.layer)
         _say_discarded(sandbox)
         return status
     finally:
@@ -536,7 +565,8 @@ def _say_discarded(sandbox: Sandbox) -> None:
 
 async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str, int]],
                  command: Sequence[str], options: RunOptions, ipv6: bool,
-                 recording: Recording, host: list[str], violations: ViolationSink) -> int:
+                 recording: Recording, host: list[str], violations: ViolationSink,
+                 layer: LayerDir | None = None) -> int:
     import trio
 
     from tapbox.audit import Audit
@@ -635,6 +665,10 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
             from tapbox.dropreasons import summarize
 
             audit.say(summarize(drops))
+        if layer is not None and recording.log is not None:
+            from tapbox.review import log_changes
+
+            log_changes(layer, recording.log)
         _finish(audit, recording, status, drops)
     return _learn(audit, recording, status)
 

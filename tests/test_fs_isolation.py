@@ -194,7 +194,8 @@ def test_the_default_view(run_tapbox: RunTapbox, world: World) -> None:
     assert not (home / ".cache-file").exists()
     assert ("tapbox: 2 files written in your home were discarded (~/.bashrc: 1, ~/.cache-file: "
             "1): the sandbox's home is copy-on-write; keep such changes next time with --write "
-            "~/.bashrc") in proc.stderr, proc.stderr
+            "~/.bashrc, or review them before they are kept with --fs overlay") in proc.stderr, \
+        proc.stderr
     assert found["key"] in ("EACCES", "ENOENT"), found  # hidden: an empty, closed directory
     # the working directory is the host's, writable
     assert found["cwd"] == str(proj) and found["proj_write"] == "ok"
@@ -386,7 +387,8 @@ def test_environment_options(run_tapbox: RunTapbox, world: World) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--fs", "overlay"], "argument --fs: invalid choice: 'overlay'"),
+    (["--fs", "cow"], "argument --fs: invalid choice: 'cow'"),
+    (["--on-exit", "keep"], "--on-exit is for the copy-on-write view: add --fs overlay"),
     (["--setenv", "NOVALUE"], "--setenv 'NOVALUE': expected VAR=VALUE"),
     (["--unsetenv", "A=B"], "--unsetenv 'A=B': a variable name cannot contain '='"),
     (["--write", ""], "--write: empty path"),

@@ -459,14 +459,16 @@ def test_the_discarded_files_are_counted_by_place(tmp_path: Path) -> None:
     assert discarded.describe(found) == (
         "6 files written and 1 file removed in your home were discarded (~/.cache: 4, "
         "~/.bashrc: 1, ~/.local: 1, 1 more place): the sandbox's home is copy-on-write; keep "
-        "such changes next time with --write ~/.cache")
+        "such changes next time with --write ~/.cache, or review them before they are kept "
+        "with --fs overlay")
 
 
 def test_one_place_is_named_as_the_issue_shows(tmp_path: Path) -> None:
     found = discarded.Discarded(files=12, places={".local": 12}, directories={".local"})
     assert discarded.describe(found) == (
         "12 files written under ~/.local were discarded: the sandbox's home is copy-on-write; "
-        "keep such changes next time with --write ~/.local")
+        "keep such changes next time with --write ~/.local, or review them before they are "
+        "kept with --fs overlay")
     one = discarded.Discarded(files=1, places={".bashrc": 1})
     assert discarded.describe(one).startswith("1 file written to ~/.bashrc was discarded")
     assert discarded.describe(discarded.Discarded()) is None
@@ -510,3 +512,91 @@ def test_isolate_imports_neither_trio_nor_the_network_half() -> None:
                 assert not any(name == f or name.startswith(f + ".") for f in forbidden), (
                     f"{path.name} imports {name} at module level"
                 )
+
+
+# ------------------------------------------------------------------------------------------------
+# The copy-on-write view (--fs overlay)
+
+
+def test_the_overlay_view_makes_every_readable_directory_copy_on_write(
+        tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tapbox.isolate.layerdir import LayerDir
+    from tapbox.isolate.plan import KeptLayer, KeptOverlay
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tree / "data"))
+    layer = LayerDir.create(None, ["make"], str(tree / "home/u/proj"))
+    host = facts(tree, readable=frozenset({"etc", "usr"}))  # /home: tapbox may not read it
+    plan = rootfs.project_plan(FilesystemOptions(view="overlay"), host, None, (), layer)
+    assert plan.ops[:7] == (
+        NewRoot(), KeptLayer(layer.path), Symlink("usr/bin", "/bin"),
+        KeptOverlay("/etc", 0), Bind("/home", "/home", writable=False),
+        Bind("/swapfile", "/swapfile", writable=False, directory=False),  # a file: read-only
+        KeptOverlay("/usr", 1),
+    )
+    home = str(tree / "home/u")
+    layers = after_base(plan)
+    # The home lies under /tmp here (the view's own): an overlay of its own, which also covers
+    # the working directory in it; no writable working directory; the layers hidden.
+    assert layers[:2] == [
+        KeptOverlay(home, 2), Tmpfs("/run/user/1000", 0o700, "$XDG_RUNTIME_DIR, empty")]
+    hides = [Hide(str(tree / "data/tapbox/changes"), True, 0o111, "", "the kept layers"),
+             Hide(layer.path, True, 0, "", "the kept layers")]
+    assert all(op in plan.ops for op in hides)
+    assert not any(isinstance(op, Bind) and op.writable for op in plan.ops)
+    assert Hide(f"{home}/.ssh", True, 0, "", "a secret") in plan.ops  # secrets: still hidden
+    assert dict(plan.kept) == {0: stat.S_IMODE(os.stat("/etc").st_mode),
+                               1: stat.S_IMODE(os.stat("/usr").st_mode),
+                               2: stat.S_IMODE(os.stat(home).st_mode)}
+    assert layer.dirs == ["/etc", "/usr", home]
+    assert plan.home is None and plan.notices == ()
+    from tapbox.isolate import landlock  # --landlock reads every operation of this view
+
+    rules = landlock.rules_for(plan)
+    assert rules.unknown is None and "/usr" in rules.writable and "/home" not in rules.writable
+    # --write punches a real hole in it
+    plan = rootfs.project_plan(FilesystemOptions(view="overlay", paths=(
+        PathRule("write", str(tree / "home/u/proj")),)), host, None, (), layer)
+    assert Bind(str(tree / "home/u/proj"), str(tree / "home/u/proj"), writable=True,
+                purpose="--write") in plan.ops
+    # ... but no path option shows the layers: their hiding comes after every one of them
+    plan = rootfs.project_plan(FilesystemOptions(view="overlay", paths=(
+        PathRule("write", str(tree / "data")), PathRule("read", str(tree / "data/tapbox")))),
+        host, None, (), layer)
+    ops = list(plan.ops)
+    assert ops.index(hides[0]) > ops.index(Bind(str(tree / "data/tapbox"),
+                                                 str(tree / "data/tapbox"), writable=False,
+                                                 purpose="--read"))
+    assert ops.index(hides[1]) > ops.index(hides[0])
+    # The project view hides them too: a sandbox that may write them could forge a layer.
+    project_ops = rootfs.project_plan(FilesystemOptions(paths=(
+        PathRule("write", str(tree / "data")),)), host, None, ()).ops
+    assert Hide(str(tree / "data/tapbox/changes"), True, 0, "", "the kept layers") in \
+        project_ops
+
+
+def test_a_continued_layer_keeps_its_numbers(tree: Path) -> None:
+    from tapbox.isolate.layerdir import LayerDir
+    from tapbox.isolate.plan import KeptOverlay
+
+    layer = LayerDir.create(str(tree / "layer"), ["a"], "/")
+    host = facts(tree, readable=frozenset({"etc", "usr"}))
+    layer.meta["dirs"] = ["/usr", "/old"]  # as an earlier run left it
+    plan = rootfs.project_plan(FilesystemOptions(view="overlay"), host, None, (), layer)
+    assert KeptOverlay("/usr", 0) in plan.ops and KeptOverlay("/etc", 2) in plan.ops
+
+
+def test_a_home_under_a_directory_tapbox_cannot_read_gets_its_own_layer(
+        tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/home of mode 0711: not layered as a whole (tapbox cannot list it), but the home and
+    the working directory in it are still copy-on-write."""
+    from tapbox.isolate.layerdir import LayerDir
+    from tapbox.isolate.plan import KeptOverlay
+
+    monkeypatch.setattr(rootfs.os, "access", lambda path, mode: True)
+    layer = LayerDir.create(str(tree / "layer"), ["make"], "/home/u/proj")
+    host = facts(tree, readable=frozenset({"usr"}))._replace(home="/home/u",
+                                                               cwd="/home/u/proj")
+    plan = rootfs.project_plan(FilesystemOptions(view="overlay"), host, None, (), layer)
+    assert Bind("/home", "/home", writable=False) in plan.ops
+    overlays = [op.path for op in plan.ops if isinstance(op, KeptOverlay)]
+    assert overlays == ["/usr", "/home/u"]  # the working directory is in the home's layer

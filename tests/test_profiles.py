@@ -263,8 +263,10 @@ def test_relative_paths_are_relative_to_the_profile_not_the_working_directory(
     ("[record]\nlog = 1979-05-27\n", 2, "record.log: expected a string, got a date"),
     ("[record]\nreport = 'loud'\n", 2, "record.report: expected one of 'auto', 'summary', "
                                       "'quiet', got a string ('loud')"),
-    ("[filesystem]\nview = 'overlay'\n", 2, "filesystem.view: expected one of 'project', "
-                                           "'host', got a string ('overlay')"),
+    ("[filesystem]\nview = 'cow'\n", 2, "filesystem.view: expected one of 'project', "
+                                       "'host', 'overlay', got a string ('cow')"),
+    ("[filesystem]\non_exit = 'keep'\n", 2, "filesystem.on_exit is for the copy-on-write "
+                                           "view: add filesystem.view = \"overlay\""),
     ("[filesystem]\npaths = ['wrte x']\n", 2, "filesystem.paths: 'wrte x': expected ACTION "
                                             "PATH with ACTION one of write, read, hide, tmpfs"),
     ("[filesystem]\npaths = ['hide']\n", 2, "filesystem.paths: 'hide': no path after 'hide'"),

@@ -1,6 +1,7 @@
 """The `tapbox` command: argv in, exit status out; everything else happens elsewhere.
 
-How this works: `tapbox log ...` goes to tapbox.cli.log (reading a saved event log); any other
+How this works: `tapbox log ...` goes to tapbox.cli.log (reading a saved event log), `tapbox
+changes|commit|discard ...` to tapbox.cli.changes (the kept layers of --fs overlay); any other
 command line is translated into RunOptions by tapbox.cli.args and run by tapbox.runner. A
 TapboxError is printed as one line after "tapbox: " and becomes its exit status (125); a usage
 error exits 125 too, after argparse's usage text. The exit statuses are defined in
@@ -25,6 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tapbox.cli.log import main as log_main
 
         return log_main(argv[1:])
+    if argv and argv[0] in ("changes", "commit", "discard"):  # the layers of --fs overlay
+        from tapbox.cli.changes import main as changes_main
+
+        return changes_main(argv[0], argv[1:])
     try:
         try:
             args = parse_args(argv)

@@ -19,14 +19,18 @@ from tapbox.errors import UsageError
 from tapbox.options import AllowRule, Layer, Origin, PathRule, RunOptions
 
 USAGE = """tapbox [-F FILE]... [--allow RULE]... [options] -- CMD [ARGS...]
-       tapbox log show FILE [--denied] [--domain NAME] [--flows]"""
+       tapbox log show FILE [--denied] [--domain NAME] [--flows]
+       tapbox changes [ID|DIR [--diff] [PATH...]]
+       tapbox commit ID|DIR [PATH...] [--force]
+       tapbox discard ID|DIR"""
 EPILOG = """\
 Rules (one per line in a file): example.com, *.example.com, 192.0.2.10, 198.51.100.0/24,
 [2001:db8::1], each optionally with :PORT or :LOW-HIGH. Nothing is allowed unless a rule
 says so. Exit status: CMD's own; 128+N if CMD died of signal N; 124 if --timeout ran
 out; 125 if tapbox failed; 126/127 if CMD could not be run / was not found. A command
-literally named "log" is run as `tapbox -- log ...` (without "--", "tapbox log ..."
-reads an event log).
+literally named "log", "changes", "commit" or "discard" is run as `tapbox -- log ...`
+(without "--", "tapbox log ..." reads an event log, "tapbox changes ..." the layers of
+--fs overlay).
 """
 
 
@@ -61,10 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "mounts, on stderr")
     files = parser.add_argument_group(
         "files (docs/isolation.md; the path options may repeat and apply in order, later wins)")
-    files.add_argument("--fs", choices=("project", "host"),
+    files.add_argument("--fs", choices=("project", "host", "overlay"),
                        help="project (default): the host read-only, the working directory "
                             "writable, $HOME copy-on-write (discarded), private /tmp, secrets "
-                            "hidden; host: the host's files as they are")
+                            "hidden; host: the host's files as they are; overlay: every write "
+                            "goes to a kept layer, reviewed and committed afterwards "
+                            "(docs/overlay.md)")
+    files.add_argument("--changes-dir", metavar="DIR",
+                       help="with --fs overlay: keep the layer in DIR (default "
+                            "$XDG_DATA_HOME/tapbox/changes/ID); a DIR holding a layer is "
+                            "continued")
+    files.add_argument("--on-exit", choices=("ask", "commit", "keep", "discard"),
+                       help="with --fs overlay: what to do with the layer when the command "
+                            "ends (default ask: a prompt on a terminal, else keep)")
     for flag, action, text in (
             ("--write", "write", "make PATH writable in the sandbox (the real PATH)"),
             ("--read", "read", "make PATH visible read-only (also shows a hidden secret)"),
@@ -148,6 +161,8 @@ _FLAGS: list[tuple[str, str, str, Callable[[Any], Any]]] = [
     ("clearenv", "environment.clearenv", "--clearenv", bool),
     ("fs", "filesystem.view", "--fs", str),
     ("paths", "filesystem.paths", "--write/--read/--hide/--tmpfs", tuple),
+    ("changes_dir", "filesystem.changes_dir", "--changes-dir", str),
+    ("on_exit", "filesystem.on_exit", "--on-exit", str),
     ("verbose", "record.verbose", "-v", bool),
     ("log", "record.log", "--log", str),
     ("audit", "record.audit", "--audit", bool),

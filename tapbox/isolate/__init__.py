@@ -8,6 +8,10 @@ How the package is laid out, in the order one sandbox comes to be:
                  host: read-only root, writable working directory, copy-on-write home, secrets
 - environment.py the command's environment variables
 - discarded.py   counting what the command wrote to its copy-on-write home, at exit
+- layerdir.py    the kept layer of the copy-on-write view (--fs overlay) on disk: its
+                 directory, metadata and baseline
+- changes.py     reading a kept layer against the host: added, modified, deleted
+- commit.py      applying a kept layer to the host, never following a symlink
 - spawn.py       the parent's Sandbox: fork, receive the TAP fd, start(), wait()
 - child.py       the forked child (enters the namespaces) and pid 1 (sets up, reports, locks
                  itself down, waits for the word)

@@ -10,6 +10,7 @@ from tapbox.layout import DEFAULT_MTU, DNS_ADDRESS
 from tapbox.options import FilesystemOptions
 
 if TYPE_CHECKING:  # the filter is built in the child: the parent need not import seccomp
+    from tapbox.isolate.layerdir import LayerDir
     from tapbox.isolate.seccomp import Policy
 
 
@@ -40,6 +41,8 @@ class SandboxConfig:
     # What the command sees of the host's files (the view and the --write/--read/--hide/--tmpfs
     # paths): tapbox.isolate.plan and rootfs. The default is the project view.
     filesystem: FilesystemOptions = field(default_factory=FilesystemOptions)
+    # The copy-on-write view (filesystem.view "overlay"): the layer directory its writes go to.
+    layer: LayerDir | None = None
     # The command's environment: tapbox's own, changed as tapbox.isolate.environment says.
     setenv: tuple[str, ...] = ()  # "VAR=VALUE"
     unsetenv: tuple[str, ...] = ()

@@ -152,7 +152,7 @@ def describe(found: Discarded, home: str = "~") -> str | None:
             parts.append(f"{more} more place{'s' if more > 1 else ''}")
         line = f"{at_least}{what} in your home {verb} discarded ({', '.join(parts)})"
     return (f"{line}: the sandbox's home is copy-on-write; keep such changes next time with "
-            f"--write {names[0]}")
+            f"--write {names[0]}, or review them before they are kept with --fs overlay")
 
 
 def _count(n: int, noun: str, verb: str) -> str:

@@ -96,6 +96,8 @@ READINGS: dict[str, Callable[[Any], tuple[Claim, ...]]] = {
     "Device": _claim("path", True),
     "Devpts": _claim("path", True),
     "HomeOverlay": _claim("path", True),
+    "KeptLayer": _none,  # staging only: not in the sandbox's view
+    "KeptOverlay": _claim("path", True),  # copy-on-write: writable, into the kept layer
     "Hide": _claim("path", False),
     "ReadOnly": _claim("path", False),
     "PivotRoot": _none,

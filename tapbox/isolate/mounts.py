@@ -56,6 +56,8 @@ from tapbox.isolate.plan import (
     FreshSysfs,
     Hide,
     HomeOverlay,
+    KeptLayer,
+    KeptOverlay,
     NewRoot,
     Pin,
     PivotRoot,
@@ -71,6 +73,12 @@ OLD_ROOT = "/oldroot"
 NEW_ROOT = "/newroot"
 HOME_LAYER = "/layers/home"  # its own tmpfs: N/lower (a bind of the host's directory), N/upper,
 # N/work for each copy-on-write layer N
+KEPT_LAYER = "/layers/kept"  # the kept layer directory (upper/N, work/N), bound here
+KEPT_LOWER = "/layers/lower"  # N: a bind of the host's directory of kept layer N
+# redirect_dir=nofollow: renaming a directory of the host copies it (mv falls back to copy and
+# delete), so a layer never holds a redirect to another path; metacopy=off: every file in
+# the layer holds its data. What the layer holds is then plain to read and to commit.
+KEPT_OPTIONS = "userxattr,redirect_dir=nofollow,metacopy=off"
 DEVPTS_OPTIONS = "newinstance,ptmxmode=0666,mode=620"
 EMPTY_FILE = "/empty"  # on the staging tmpfs: what a hidden file shows (never unlinked)
 
@@ -242,6 +250,36 @@ def home_overlay(ctx: _Context, op: HomeOverlay) -> None:
             "empty with --tmpfs ~")
 
 
+def kept_layer(ctx: _Context, op: KeptLayer) -> None:
+    os.mkdir(KEPT_LAYER, 0o700)
+    os.mkdir(KEPT_LOWER, 0o700)
+    err = ctx.libc.mount(ctx.source(op.source), KEPT_LAYER, None, MS_BIND)
+    if err:
+        raise ctx.fail(f"binding the layer directory {op.source}", err)
+
+
+def kept_overlay(ctx: _Context, op: KeptOverlay) -> None:
+    """An overlay on `op.path` whose upper and work directories are in the kept layer (bound
+    at KEPT_LAYER by the KeptLayer operation before it)."""
+    libc = ctx.libc
+    lower = f"{KEPT_LOWER}/{op.layer}"
+    os.mkdir(lower, 0o700)
+    err = libc.mount(ctx.source(op.path), lower, None, MS_BIND | MS_REC)
+    if err:
+        raise ctx.fail(f"binding {op.path} to make it copy-on-write", err)
+    dest = ctx.dest(op.path)
+    _mount_point(ctx, dest, True, "for a copy-on-write directory")
+    options = (f"lowerdir={lower},upperdir={KEPT_LAYER}/upper/{op.layer},"
+               f"workdir={KEPT_LAYER}/work/{op.layer},{KEPT_OPTIONS}")
+    err = libc.mount("overlay", dest, "overlay", MS_NOSUID | MS_NODEV, options)
+    if err:
+        raise ctx.fail(
+            f"overlay on {op.path} (copy-on-write, kept in the layer)", err,
+            "overlayfs in a user namespace needs Linux 5.11 and a layer directory on a "
+            "filesystem with user extended attributes (ext4, xfs, btrfs; tmpfs from Linux "
+            "6.6): give one with --changes-dir DIR, or use --fs project")
+
+
 def hide(ctx: _Context, op: Hide) -> None:
     dest = ctx.dest(op.path)
     _mount_point(ctx, dest, op.directory, "to hide")
@@ -283,9 +321,17 @@ def read_only_file(ctx: _Context, op: ReadOnlyFile) -> None:
     if not _same_file(ctx.source(op.path), op.dev, op.ino, must_exist=True):
         return  # pragma: no cover - _same_file raised
     dest = ctx.dest(op.path)
-    if ctx.building and not _same_file(dest, op.dev, op.ino, must_exist=False):
+    source = dest
+    if ctx.building and op.layered:  # through an overlay: the same inode, the overlay's device
+        try:
+            if os.stat(dest).st_ino != op.ino:
+                return  # a copy of the sandbox's (a --changes-dir continued): not tapbox's
+        except OSError:
+            return
+        source = ctx.source(op.path)
+    elif ctx.building and not _same_file(dest, op.dev, op.ino, must_exist=False):
         return  # the sandbox sees another file there, or none: nothing of tapbox's to protect
-    err = ctx.libc.mount(dest, dest, None, MS_BIND) or _remount_read_only(ctx.libc, dest)
+    err = ctx.libc.mount(source, dest, None, MS_BIND) or _remount_read_only(ctx.libc, dest)
     if err:
         raise ctx.fail(f"making {op.path} read-only in the sandbox", err)
 
@@ -449,7 +495,8 @@ def unescape_mountinfo(field: str) -> str:
 
 _EXECUTORS: dict[type, Callable[[_Context, Any], None]] = {
     NewRoot: new_root, Bind: bind, Symlink: symlink, Tmpfs: tmpfs, Device: device,
-    Devpts: devpts, HomeOverlay: home_overlay, Hide: hide, ReadOnly: read_only,
+    Devpts: devpts, HomeOverlay: home_overlay, KeptLayer: kept_layer,
+    KeptOverlay: kept_overlay, Hide: hide, ReadOnly: read_only,
     PivotRoot: pivot, FreshProc: fresh_proc, FreshSysfs: fresh_sysfs, BindFile: bind_file,
     ReadOnlyFile: read_only_file, Pin: pin,
 }

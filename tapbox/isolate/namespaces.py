@@ -9,6 +9,13 @@ is made private, so nothing the sandbox mounts propagates back to the host (and 
 mounts later appears inside). Two unshare calls instead of one tell the user which the kernel
 refused.
 
+--root when tapbox itself runs as root: every id maps to itself (but the last: a map of all
+ids is how the host's own namespace looks) and setgroups stays allowed, so programs that
+switch users inside work (apt drops to its `_apt` user; `tapbox --root --fs overlay --
+apt-get install` installs into a layer). Such a map needs CAP_SETUID in the parent namespace,
+which the child loses by entering the new one: a helper forked just before writes it from
+outside. Subordinate ids for unprivileged users (newuidmap) are not used yet: one id is mapped.
+
 A new PID namespace applies to the caller's children only: the process tapbox forked stays
 outside, and the next process it creates is pid 1 inside (tapbox.isolate.child).
 
@@ -49,18 +56,27 @@ from tapbox.isolate.libc import (
 )
 
 HOSTNAME = "tapbox"
+ALL_IDS = 4294967294  # ids 0 .. 2**32-3: all but the last (a map of all is the host's own: tools
+# tell a sandbox from the host by it, tapbox.isolate.diagnose too)
 
 
 def enter_namespaces(libc: Libc, host: Host, uid: int, gid: int, root: bool) -> None:
     """User namespace with id maps, then the others; hostname; private mounts."""
-    err = libc.unshare(CLONE_NEWUSER)
-    if err:
-        raise SetupError(unshare_failure("user", err, host))
+    if root and uid == 0 and gid == 0:
+        # tapbox run by root with --root: every id maps to itself and setgroups stays
+        # allowed, so programs that switch users work (apt drops to its _apt user). It gives
+        # the sandbox's root nothing the real root it stands for lacks.
+        _enter_mapped_from_outside(libc, host, f"0 0 {ALL_IDS}\n")
+    else:
+        err = libc.unshare(CLONE_NEWUSER)
+        if err:
+            raise SetupError(unshare_failure("user", err, host))
     inner_uid, inner_gid = (0, 0) if root else (uid, gid)
     try:
-        write_proc("/proc/self/setgroups", "deny", missing_ok=True)
-        write_proc("/proc/self/uid_map", f"{inner_uid} {uid} 1\n")
-        write_proc("/proc/self/gid_map", f"{inner_gid} {gid} 1\n")
+        if not (root and uid == 0 and gid == 0):
+            write_proc("/proc/self/setgroups", "deny", missing_ok=True)
+            write_proc("/proc/self/uid_map", f"{inner_uid} {uid} 1\n")
+            write_proc("/proc/self/gid_map", f"{inner_gid} {gid} 1\n")
     except OSError as e:
         raise SetupError(
             eperm_failure(f"writing the user namespace's id maps: {e.strerror}", host)
@@ -94,6 +110,39 @@ def forbid_user_namespaces(libc: Libc, capset_nr: int | None) -> None:
     if err:
         reason = os.strerror(err) if err > 0 else "libseccomp does not know capset"
         raise SetupError(f"tapbox: --no-nest: dropping CAP_SYS_RESOURCE in the sandbox: {reason}")
+
+
+def _enter_mapped_from_outside(libc: Libc, host: Host, idmap: str) -> None:
+    """Unshare the user namespace and have its id maps (`idmap`, for uids and gids) written
+    from outside it: a map of more than one's own id needs CAP_SETUID in the parent
+    namespace, which a process loses for good by entering the new one. A helper forked
+    before (still outside) writes them once told, and is waited for."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the helper leaves through os._exit
+        try:
+            os.close(ready_w)
+            if os.read(ready_r, 1) != b"u":
+                os._exit(2)
+            target = os.getppid()
+            write_proc(f"/proc/{target}/uid_map", idmap)
+            write_proc(f"/proc/{target}/gid_map", idmap)
+            os._exit(0)
+        except BaseException:  # noqa: B036 - the helper must never return
+            os._exit(1)
+    os.close(ready_r)
+    try:
+        err = libc.unshare(CLONE_NEWUSER)
+        if not err:
+            os.write(ready_w, b"u")
+    finally:
+        os.close(ready_w)
+        _pid, status = os.waitpid(pid, 0)
+    if err:
+        raise SetupError(unshare_failure("user", err, host))
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SetupError(eperm_failure("writing the user namespace's id maps (all ids, for "
+                                       "--root as root) failed", host))
 
 
 def write_proc(path: str, content: str, missing_ok: bool = False) -> None:

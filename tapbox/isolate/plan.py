@@ -24,6 +24,11 @@ The two views, in the order of their operations:
   the secrets hidden; the --write/--read/--hide/--tmpfs paths in order; the private
   resolv.conf; the record files read-only; tapbox's own tmpfs mounts (the new root, /dev, the
   hidden directories) made read-only; PivotRoot.
+- overlay (the copy-on-write view): as project, but each top-level directory is an overlay
+  whose upper layer is kept on disk (KeptLayer, KeptOverlay; where something is mounted
+  inside a directory, one overlay per directory below it), the home and the working
+  directory included (their own overlays where they lie in a directory the view replaces,
+  such as /tmp), and the layers' own directory hidden. docs/overlay.md.
 - host: the host's filesystem as it is, plus a fresh sysfs (best effort: /sys/class/net then
   lists the sandbox's links), the private resolv.conf, a fresh /proc, the path options, the
   record files read-only.
@@ -127,6 +132,28 @@ class HomeOverlay(NamedTuple):
         return f"overlay {self.path} (copy-on-write: writes go to a layer discarded at exit)"
 
 
+class KeptLayer(NamedTuple):
+    """Bind the kept layer's directory `source` (tapbox.isolate.layerdir: upper/N, work/N) at
+    a fixed place of tapbox's staging tree, so no path of the user's goes into an overlay's
+    options. Never in the sandbox's view (the view hides it)."""
+
+    source: str
+
+    def describe(self) -> str:
+        return f"layer {self.source} (where every write goes; hidden from the sandbox)"
+
+
+class KeptOverlay(NamedTuple):
+    """An overlay on `path` whose upper layer is number `layer` of the kept layer (the
+    copy-on-write view): reads come from the host's directory, writes are kept for review."""
+
+    path: str
+    layer: int = 0
+
+    def describe(self) -> str:
+        return f"overlay {self.path} (copy-on-write: writes go to kept layer {self.layer})"
+
+
 class Hide(NamedTuple):
     """Make `path` empty and inaccessible: a directory gets an empty tmpfs of `mode` (0000, or
     0111 when something is exposed inside it), anything else the empty file `source` (mode
@@ -180,11 +207,14 @@ class FreshProc(NamedTuple):
 
 
 class ReadOnlyFile(NamedTuple):
-    """Bind the regular file `path` read-only over itself; it must still be (dev, ino)."""
+    """Bind the regular file `path` read-only over itself; it must still be (dev, ino).
+    `layered`: the sandbox sees it through a copy-on-write overlay (the overlay view), which
+    shows the same inode number on a device of its own: the host's file is bound there."""
 
     path: str
     dev: int
     ino: int
+    layered: bool = False
 
     def describe(self) -> str:
         return f"read-only {self.path}"
@@ -219,10 +249,11 @@ class PivotRoot(NamedTuple):
         return f"pivot_root into the new root (the host's tree is gone); cd {self.cwd}"
 
 
-Op = (NewRoot | Bind | Symlink | Tmpfs | Device | Devpts | HomeOverlay | Hide | FreshSysfs
-      | BindFile | FreshProc | ReadOnlyFile | Pin | ReadOnly | PivotRoot)
-OPS = (NewRoot, Bind, Symlink, Tmpfs, Device, Devpts, HomeOverlay, Hide, FreshSysfs, BindFile,
-       FreshProc, ReadOnlyFile, Pin, ReadOnly, PivotRoot)
+Op = (NewRoot | Bind | Symlink | Tmpfs | Device | Devpts | HomeOverlay | KeptLayer
+      | KeptOverlay | Hide | FreshSysfs | BindFile | FreshProc | ReadOnlyFile | Pin | ReadOnly
+      | PivotRoot)
+OPS = (NewRoot, Bind, Symlink, Tmpfs, Device, Devpts, HomeOverlay, KeptLayer, KeptOverlay, Hide,
+       FreshSysfs, BindFile, FreshProc, ReadOnlyFile, Pin, ReadOnly, PivotRoot)
 
 
 # The operations are NamedTuples (tapbox defines them on every start: a frozen dataclass costs
@@ -259,6 +290,9 @@ class Plan(NamedTuple):
     # The directories of the copy-on-write home, by layer number: what the layers are counted
     # against at exit (tapbox.isolate.discarded).
     layers: tuple[str, ...] = ()
+    # The copy-on-write view: the kept layers' numbers and the modes of their host
+    # directories (tapbox.isolate.layerdir prepares upper/N with them).
+    kept: tuple[tuple[int, int], ...] = ()
 
     def describe(self) -> list[str]:
         """One line per operation, in the order pid 1 executes them."""
@@ -267,7 +301,7 @@ class Plan(NamedTuple):
 
 def build(config: SandboxConfig, resolv_path: str | None, empty_file: str = "",
           stat_path: Callable[[str], os.stat_result] = os.stat,
-          facts: object | None = None) -> Plan:
+          facts: object | None = None, layer: object | None = None) -> Plan:
     """The operations for `config`; `resolv_path` is the private resolv.conf (network only),
     `empty_file` an empty file of mode 0000 to hide files with in the host view (the project
     view has its own, on the tmpfs its root is built on, that nothing ever unlinks: a nested
@@ -295,9 +329,9 @@ def build(config: SandboxConfig, resolv_path: str | None, empty_file: str = "",
         ops.extend(records)
         ops.extend(ReadOnly(path, "hidden") for path in sealed)
         return Plan(tuple(ops))
-    host = facts if isinstance(facts, rootfs.HostFacts) else \
-        rootfs.HostFacts.collect(config.root, config.env, cwd=config.cwd)
-    return rootfs.project_plan(config.filesystem, host, resolv, records)
+    host = facts if isinstance(facts, rootfs.HostFacts) else rootfs.HostFacts.collect(
+        config.root, config.env, cwd=config.cwd, overlay=config.filesystem.view == "overlay")
+    return rootfs.project_plan(config.filesystem, host, resolv, records, layer)
 
 
 def _purpose(purpose: str) -> str:

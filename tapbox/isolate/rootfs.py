@@ -37,6 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from tapbox.errors import SetupError
+from tapbox.isolate.layerdir import LayerDir, changes_root
 from tapbox.isolate.plan import (
     Bind,
     BindFile,
@@ -46,11 +47,14 @@ from tapbox.isolate.plan import (
     FreshSysfs,
     Hide,
     HomeOverlay,
+    KeptLayer,
+    KeptOverlay,
     NewRoot,
     Op,
     PivotRoot,
     Plan,
     ReadOnly,
+    ReadOnlyFile,
     Symlink,
     Tmpfs,
 )
@@ -85,10 +89,14 @@ class HostFacts(NamedTuple):
     # (resolved path, is a directory, the path as the list names it) of each that exists
     secrets: tuple[tuple[str, bool, str], ...]
     home_mounts: tuple[str, ...]  # the mount points strictly below the home directory
+    # The copy-on-write view: every mount point, and the top-level directories tapbox may
+    # read (the others stay read-only, as the host protects them).
+    mounts: tuple[str, ...] = ()
+    readable: frozenset[str] = frozenset()
 
     @classmethod
     def collect(cls, root: bool, environ: Mapping[str, str] | None = None,
-                cwd: str | None = None) -> HostFacts:
+                cwd: str | None = None, overlay: bool = False) -> HostFacts:
         """`environ`, `cwd`: the command's, when they are not tapbox's own (the Python API)."""
         env = os.environ if environ is None else environ
         cwd = os.path.realpath(cwd or os.getcwd())
@@ -115,11 +123,20 @@ class HostFacts(NamedTuple):
                 elif entry.is_file(follow_symlinks=False):
                     top.append(Entry(entry.name, "file"))
         top.sort(key=lambda e: e.name)
+        mounts: tuple[str, ...] = ()
+        readable: frozenset[str] = frozenset()
+        if overlay:
+            from tapbox.isolate.mounts import mount_points
+
+            mounts = tuple(sorted(set(mount_points())))
+            readable = frozenset(e.name for e in top if e.kind == "dir" and
+                                 os.access("/" + e.name, os.R_OK | os.X_OK))
         return cls(cwd=cwd, home=home, home_layer=home_layer, runtime_dir=runtime_dir,
                    top=tuple(top),
                    devices=tuple(d for d in DEVICES if os.path.lexists(d)),
                    secrets=tuple(existing_secrets(read_secrets(), home and home_given)),
-                   home_mounts=tuple(mounts_below(home)) if home_layer and home else ())
+                   home_mounts=tuple(mounts_below(home)) if home_layer and home else (),
+                   mounts=mounts, readable=readable)
 
 
 def read_secrets(path: str = SECRETS_FILE) -> list[str]:
@@ -158,15 +175,15 @@ def mounts_below(directory: str) -> list[str]:
     return sorted({p for p in mount_points() if p.startswith(prefix)})
 
 
-def copy_on_write(directory: str, mounts: Sequence[str]) -> list[Op]:
+def copy_on_write(directory: str, mounts: Sequence[str], kept: bool = False) -> list[Op]:
     """Overlays that make `directory` copy-on-write. The kernel refuses an overlay in a user
     namespace whose lower directory has mounts below it that the namespace did not make
     (revealing what they cover): then `directory` is bound read-only with its mounts, and each
     directory in it with no mount point inside gets an overlay of its own (recursively); the
     mount points, and the files directly in such a directory, stay read-only."""
     below = [m for m in mounts if m.startswith(directory + "/")]
-    if not below:
-        return [HomeOverlay(directory)]  # (numbered once the layers are known)
+    if not below:  # (numbered once the layers are known)
+        return [KeptOverlay(directory) if kept else HomeOverlay(directory)]
     ops: list[Op] = [Bind(directory, directory, writable=False,
                           purpose="copy-on-write below it: something is mounted in it")]
     try:
@@ -178,20 +195,28 @@ def copy_on_write(directory: str, mounts: Sequence[str]) -> list[Op]:
         path = os.path.join(directory, name)
         if path in below:
             continue  # a mount point: read-only, with what is mounted in it
-        ops.extend(copy_on_write(path, below))
+        ops.extend(copy_on_write(path, below, kept))
     return ops
 
 
 def project_plan(fs: FilesystemOptions, host: HostFacts, resolv: BindFile | None,
-                 records: Sequence[Op]) -> Plan:
-    """The project view's operations (see the module's docstring for the order)."""
+                 records: Sequence[Op], kept: LayerDir | None = None) -> Plan:
+    """The project view's operations (see the module's docstring for the order); with
+    `kept` (the layer directory), the copy-on-write view's."""
+    overlay = fs.view == "overlay"
+    if overlay and kept is None:
+        raise SetupError("tapbox: internal error: the copy-on-write view needs a layer")
     ops: list[Op] = [NewRoot()]
+    if kept is not None:
+        ops.append(KeptLayer(kept.path))
     for entry in host.top:
         if entry.name in REPLACED:
             continue
         path = "/" + entry.name
         if entry.kind == "symlink":
             ops.append(Symlink(entry.target, path))
+        elif overlay and entry.name in host.readable:
+            ops.extend(copy_on_write(path, host.mounts, kept=True))
         else:
             ops.append(Bind(path, path, writable=False, directory=entry.kind == "dir"))
     ops.append(Tmpfs("/dev", 0o755, "a minimal /dev"))
@@ -205,24 +230,55 @@ def project_plan(fs: FilesystemOptions, host: HostFacts, resolv: BindFile | None
     ops.append(Tmpfs("/run", 0o755, "empty"))
 
     layers: list[Op] = []
-    if host.home_layer and host.home is not None:
-        layers.extend(copy_on_write(host.home, host.home_mounts))
-    notice = cwd_notice(host, fs.paths)
-    if notice is None:
-        layers.append(Bind(host.cwd, host.cwd, writable=True, purpose="the working directory"))
+    if overlay:  # the home and the working directory, where the view replaced their tops
+        notice = cwd_notice(host, fs.paths, overlay=True)
+        # Each gets an overlay of its own where its top-level directory has none: one the
+        # view replaces (a home or project under /tmp), or one tapbox cannot read itself (a
+        # /home of mode 0711).
+        done: list[str] = []
+        for path in (host.home if host.home_layer else None, None if notice else host.cwd):
+            if path is None or path.count("/") < 2 or any(_covers(d, path) for d in done):
+                continue
+            top = _top(path)
+            if top in ("tmp", "run") or (top not in REPLACED and top not in host.readable
+                                         and os.access(path, os.R_OK | os.X_OK)):
+                layers.extend(copy_on_write(path, host.mounts, kept=True))
+                done.append(path)
+    else:
+        if host.home_layer and host.home is not None:
+            layers.extend(copy_on_write(host.home, host.home_mounts))
+        notice = cwd_notice(host, fs.paths)
+        if notice is None:
+            layers.append(Bind(host.cwd, host.cwd, writable=True,
+                               purpose="the working directory"))
     layers.append(Tmpfs(host.runtime_dir, 0o700, "$XDG_RUNTIME_DIR, empty"))
     secrets = [hide_op(path, is_dir, "", "a secret") for path, is_dir, _ in host.secrets]
     names = {path: named for path, _d, named in host.secrets}
     layered = layer([*layers, *secrets], fs.paths, host.cwd, "", secrets, names)
+    # The kept layers, last, so that no path option can show them: a sandbox that could
+    # write a layer (or its metadata) could make a later commit write where it likes.
+    kept_dirs = [p for p in dict.fromkeys((os.path.realpath(changes_root()),
+                                           kept.path if kept is not None else ""))
+                 if p and os.path.isdir(p)]
+    for path in kept_dirs:
+        inside = any(other.startswith(path + "/") for other in kept_dirs)
+        layered.append(Hide(path, True, 0o111 if inside else 0, "", "the kept layers"))
     _check_cwd_visible(layered, host.cwd)
     overlays = [HomeOverlay(op.path, n) for n, op in
                 enumerate(op for op in layered if isinstance(op, HomeOverlay))]
     numbered = iter(overlays)  # layer N's directory is N/ on the layers' tmpfs
     layered = [next(numbered) if isinstance(op, HomeOverlay) else op for op in layered]
     ops.extend(layered)
+    modes: dict[int, int] = {}
+    if kept is not None:  # layer N's upper directory is upper/N of the layer directory
+        for i, op in enumerate(ops):
+            if isinstance(op, KeptOverlay):
+                ops[i] = KeptOverlay(op.path, kept.number(op.path))
+                modes[ops[i].layer] = _mode(op.path)
     if resolv is not None:
         ops.append(resolv)
-    ops.extend(records)
+    ops.extend(op._replace(layered=True) if overlay and isinstance(op, ReadOnlyFile) else op
+               for op in records)
     ops.append(ReadOnly("/", "the new root"))
     ops.append(ReadOnly("/dev", "the minimal /dev"))
     ops.extend(ReadOnly(op.path, "hidden") for op in layered if isinstance(op, Hide)
@@ -230,16 +286,29 @@ def project_plan(fs: FilesystemOptions, host: HostFacts, resolv: BindFile | None
     ops.append(PivotRoot(host.cwd))
     return Plan(tuple(ops), notices=() if notice is None else (notice,),
                 runtime_dir=host.runtime_dir, home=host.home if overlays else None,
-                layers=tuple(op.path for op in overlays))
+                layers=tuple(op.path for op in overlays), kept=tuple(modes.items()))
 
 
-def cwd_notice(host: HostFacts, rules: Sequence[PathRule]) -> str | None:
-    """None if the working directory is made writable, else the one line that says why not
-    (no line when a --write already covers it)."""
+def _mode(path: str) -> int:
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o755
+
+
+def cwd_notice(host: HostFacts, rules: Sequence[PathRule], overlay: bool = False) -> str | None:
+    """None if the working directory is made writable (copy-on-write, in the overlay view),
+    else the one line that says why not (no line when a --write already covers it)."""
     cwd, home = host.cwd, host.home
     if any(rule.action == "write" and _covers(resolve(rule.path, cwd), cwd) for rule in rules):
         return None
     shown = display(cwd, home)
+    if overlay:
+        if _top(cwd) in ("dev", "proc", "sys") or cwd in ("/tmp", "/run") or \
+                _covers(host.runtime_dir, cwd):
+            return (f"the working directory {shown} is the sandbox's own, not the host's: "
+                    f"share the host's with --write {shown}")
+        return None
     if cwd == "/":
         return (f"the working directory {shown} is not made writable (the sandbox sees the "
                 "host read-only): name what the command may write with --write PATH")
@@ -368,8 +437,8 @@ def _replaces(op: Op, path: str) -> bool:
     mounts), so that what was there before can no longer be seen."""
     own = _path(op)
     if own == path:
-        return isinstance(op, Bind | Tmpfs | Hide | HomeOverlay)
-    subtree = isinstance(op, Tmpfs | HomeOverlay) or (isinstance(op, Hide | Bind)
+        return isinstance(op, Bind | Tmpfs | Hide | HomeOverlay | KeptOverlay)
+    subtree = isinstance(op, Tmpfs | HomeOverlay | KeptOverlay) or (isinstance(op, Hide | Bind)
                                                      and op.directory)
     return subtree and _covers(own, path)
 

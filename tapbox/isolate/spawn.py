@@ -147,10 +147,12 @@ class Sandbox:
             fs = config.filesystem
             if fs.view == "host" and any(rule.action == "hide" for rule in fs.paths):
                 empty_file = _private_file("", 0, "hidden", private)
-            plan = plan_mod.build(config, resolv_path, empty_file)
+            plan = plan_mod.build(config, resolv_path, empty_file, layer=config.layer)
+            if config.layer is not None:
+                config.layer.prepare([number for number, _mode in plan.kept], dict(plan.kept))
             env = command_environment(
                 os.environ if config.env is None else config.env,
-                project=config.filesystem.view == "project",
+                project=config.filesystem.view != "host",
                 runtime_dir=plan.runtime_dir, clearenv=config.clearenv,
                 unsetenv=config.unsetenv, setenv=config.setenv)
             parent_sock, child_sock = socket.socketpair(
