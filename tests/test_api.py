@@ -173,6 +173,7 @@ def test_bad_options_are_usage_errors_before_anything_runs(tmp_path: Path) -> No
         ({"write": [""]}, tapbox.UsageError, "write=: empty path"),
         ({"hide": [3]}, tapbox.UsageError, "hide=: expected paths, got int"),
         ({"fs": "everything"}, tapbox.UsageError, "fs=: expected one of 'project', 'host'"),
+        ({"fs": "overlay"}, tapbox.UsageError, "not available from the Python API yet"),
         ({"setenv": {"A": 1}}, tapbox.UsageError, "setenv=: expected strings"),
         ({"setenv": ["NOEQUALS"]}, tapbox.UsageError, "setenv= 'NOEQUALS': expected VAR=VALUE"),
         ({"unsetenv": "A=B"}, tapbox.UsageError, "unsetenv= 'A=B': a variable name cannot"),

@@ -114,7 +114,14 @@ def run_options(keywords: Mapping[str, Any], *, what: str = "tapbox.run",
         names = "/".join(f"{k}=" for k in PATH_KEYWORDS if k in keywords)
         layer.set("filesystem.paths", tuple(paths), Origin(names))
     layers.append(layer)
-    return RunOptions.from_layers(*layers)
+    options = RunOptions.from_layers(*layers)
+    if options.filesystem.view == "overlay":
+        # The layer's review and commit are the tapbox command's (tapbox.runner.run); an API run
+        # would have no layer to keep.
+        raise UsageError("the copy-on-write view (fs='overlay') is not available from the Python "
+                         "API yet: run `tapbox --fs overlay -- CMD`, then `tapbox changes` and "
+                         "`tapbox commit`", option="filesystem.view")
+    return options
 
 
 def _path_rules(action: str, value: Any) -> list[PathRule]:
