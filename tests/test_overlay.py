@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
-import select
 import shutil
 import stat
 import subprocess
@@ -29,6 +27,7 @@ from typing import Any
 import fakenet as fn
 import pytest
 from conftest import RunTapbox, setpriv_prefix, tapbox_env
+from ptyrun import on_pty
 from test_e2e import NOBODY, rootless_problems
 
 SHORT = 60.0
@@ -343,50 +342,6 @@ def test_the_plan_of_the_overlay_view(root_world: World) -> None:
 # On a terminal: the prompt
 
 
-def on_pty(argv: list[str], env: dict[str, str], cwd: Path, answers: list[tuple[bytes, bytes]],
-           timeout: float = 60.0) -> tuple[int, bytes]:
-    """Run argv on a new pty; each time `expect` appears, type `answer`."""
-    pid, fd = pty.fork()
-    if pid == 0:  # pragma: no cover - the pty child
-        try:
-            os.chdir(cwd)
-            os.execve(argv[0], argv, env)
-        finally:
-            os._exit(126)
-    out = b""
-    pending = list(answers)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if select.select([fd], [], [], 0.1)[0]:
-                try:
-                    chunk = os.read(fd, 4096)
-                except OSError:
-                    chunk = b""
-                out += chunk
-            if pending and pending[0][0] in out:
-                expect, answer = pending.pop(0)
-                out = out.replace(expect, b"<" + expect[:8] + b">", 1)
-                os.write(fd, answer)
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                while select.select([fd], [], [], 0.1)[0]:
-                    try:
-                        chunk = os.read(fd, 4096)
-                    except OSError:
-                        break
-                    if not chunk:
-                        break
-                    out += chunk
-                return os.waitstatus_to_exitcode(status), out
-        raise AssertionError(f"timed out on the pty; output: {out!r}")
-    finally:
-        try:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        os.close(fd)
 
 
 PROMPT = b"[c]ommit all, [r]eview one by one, [k]eep for later, [d]iscard? "

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import REPO_ROOT, TESTS_DIR, tapbox_env
+from ptyrun import on_pty
 
 INJECTOR = TESTS_DIR / "sandbox_tools" / "tty_inject.py"
 PAYLOAD = "echo INJECTED"
@@ -46,44 +47,6 @@ print("AFTER " + json.dumps({"rc": rc, "pending": data.decode("latin-1")}), flus
 """
 
 
-def on_pty(argv: list[str], timeout: float = 60.0) -> tuple[int, bytes]:
-    """Run argv as the session leader of a new pty; (exit status, everything it printed)."""
-    pid, fd = pty.fork()
-    if pid == 0:  # pragma: no cover - the pty child
-        try:
-            os.chdir(REPO_ROOT)
-            os.execve(argv[0], argv, tapbox_env())
-        finally:
-            os._exit(126)
-    out = b""
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if select.select([fd], [], [], 0.1)[0]:
-                try:
-                    chunk = os.read(fd, 4096)
-                except OSError:  # EIO: the child side is closed
-                    chunk = b""
-                out += chunk
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                while select.select([fd], [], [], 0.1)[0]:
-                    try:
-                        chunk = os.read(fd, 4096)
-                    except OSError:
-                        break
-                    if not chunk:
-                        break
-                    out += chunk
-                return os.waitstatus_to_exitcode(status), out
-        raise AssertionError(f"timed out on the pty; output: {out!r}")
-    finally:
-        try:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        os.close(fd)
 
 
 def json_line(out: bytes, prefix: str = "") -> dict[str, Any]:
@@ -100,7 +63,8 @@ def test_tiocsti_and_tioclinux_are_refused_and_nothing_reaches_the_terminal(view
     """In every --fs view (the host view keeps the filter)."""
     tapbox = [sys.executable, "-m", "tapbox", "-n", "--fs", view, "--", sys.executable,
               str(INJECTOR), PAYLOAD + "\n"]
-    status, out = on_pty([sys.executable, "-c", WRAPPER, json.dumps(tapbox)])
+    status, out = on_pty([sys.executable, "-c", WRAPPER, json.dumps(tapbox)], tapbox_env(),
+                         REPO_ROOT, [])
     assert status == 0, out
     inside = json_line(out)
     after = json_line(out, "AFTER ")

@@ -62,7 +62,8 @@ from tapbox.isolate.libc import Libc
 from tapbox.isolate.signals import FORWARDED_SIGNALS, should_forward
 
 if TYPE_CHECKING:
-    from tapbox.isolate.syscalls import Policy
+    from tapbox.isolate.seccomp import Installed
+    from tapbox.isolate.syscalls import Policy, Rule
 
 WAITED = FORWARDED_SIGNALS | {signal.SIGCHLD}
 MSG_LISTENER = b"N"  # pid 1 -> tapbox after the start: the command's filter listener (SCM_RIGHTS)
@@ -203,7 +204,6 @@ def _set_rlimits(rlimits: tuple[tuple[int, int], ...]) -> None:
 def _exec_confined(argv: list[str], env: dict[str, str], setup: CommandSetup, handoff: int,
                    ack: int) -> NoReturn:
     """Load the allow list, hand its listener over, exec the command through an fd."""
-    from tapbox.isolate import seccomp
     from tapbox.isolate.syscalls import AT_EMPTY_PATH, Allow, ArgCmp, Rule
 
     path = _which(argv[0], env.get("PATH"))
@@ -214,34 +214,24 @@ def _exec_confined(argv: list[str], env: dict[str, str], setup: CommandSetup, ha
     exec_rule = Rule("execveat", Allow(), (ArgCmp.eq(0, exe),
                                            ArgCmp.masked_eq(4, AT_EMPTY_PATH, AT_EMPTY_PATH)),
                      "the command's own exec, once: its fd is gone after it")
-    assert setup.policy is not None
-    try:
-        installed = seccomp.install(setup.policy, notify=setup.notify, extra=(exec_rule,))
-    except Exception as e:  # noqa: BLE001 - one line, then out
-        with contextlib.suppress(OSError):
-            os.write(2, os.fsencode(f"{e}\n"))
-        os._exit(EXIT_TAPBOX_FAILED)
+    _install_and_hand_over(setup, handoff, ack, (exec_rule,))
     # From here on only what the policy allows: write, read, close, the exec.
-    if installed.listener is None:
-        os.write(handoff, b"-" + (installed.unnamed_because or "").encode()[:200])
-    else:
-        os.write(handoff, b"%d" % installed.listener)
-    if os.read(ack, 1) != b"G":
-        os._exit(EXIT_TAPBOX_FAILED)
     try:
         os.execve(exe, argv, env)
     except OSError as e:
         _exec_failed(argv, e)
 
 
-def _confine(setup: CommandSetup, handoff: int, ack: int) -> None:
-    """Python mode: load the allow list on this process, which then goes on under it (no exec:
-    the program is already running), its listener handed over as for a command."""
+def _install_and_hand_over(setup: CommandSetup, handoff: int, ack: int,
+                           extra: tuple[Rule, ...]) -> Installed:
+    """Load the allow list (with `extra` rules) on this process, tell pid 1 its listener (or why
+    there is none) through `handoff`, and wait for the go on `ack`; a failure is one line on
+    stderr and EXIT_TAPBOX_FAILED. After the load only write, read and close are used."""
     from tapbox.isolate import seccomp
 
     assert setup.policy is not None
     try:
-        installed = seccomp.install(setup.policy, notify=setup.notify)
+        installed = seccomp.install(setup.policy, notify=setup.notify, extra=extra)
     except Exception as e:  # noqa: BLE001 - one line, then out
         with contextlib.suppress(OSError):
             os.write(2, os.fsencode(f"{e}\n"))
@@ -252,6 +242,13 @@ def _confine(setup: CommandSetup, handoff: int, ack: int) -> None:
         os.write(handoff, b"%d" % installed.listener)
     if os.read(ack, 1) != b"G":
         os._exit(EXIT_TAPBOX_FAILED)
+    return installed
+
+
+def _confine(setup: CommandSetup, handoff: int, ack: int) -> None:
+    """Python mode: load the allow list on this process, which then goes on under it (no exec:
+    the program is already running), its listener handed over as for a command."""
+    installed = _install_and_hand_over(setup, handoff, ack, ())
     for fd in (handoff, ack, *(() if installed.listener is None else (installed.listener,))):
         os.close(fd)
 
