@@ -1,10 +1,14 @@
 """One tapbox run: allowlist, sandbox, engine, command, exit status — in that order.
 
-Everything that can fail is done before the command runs (the allowlist parses, the DNS
-upstream is known, the sandbox is set up, the engine reads the TAP device); only then is the
-sandbox told to exec. If the engine fails afterwards, for whatever reason, the command is
-killed at once, tapbox says so in one line and exits 125: tapbox never leaves a command
-running without its firewall. With --timeout, the whole sandbox is killed when the time is up
+Everything a user can get wrong is checked before the command runs (the allowlist parses,
+the DNS upstream is known, the record files open, the sandbox is set up); only then is the
+sandbox told to exec. The engine's modules (trio, the stack: about 0.1 s) are imported in a
+thread meanwhile, and the command starts without waiting for them: until the engine's loop
+reads the TAP device, the command's frames wait in tap0's queue, so nothing reaches the network
+undecided, and the command's own start-up overlaps tapbox's. If the engine cannot start, or
+fails afterwards, for whatever reason, the command is killed at once, tapbox says so in one
+line and exits 125: tapbox never leaves a command running without its firewall. With
+--timeout, the whole sandbox is killed when the time (counted from the command's start) is up
 and tapbox exits 124 (as timeout(1)).
 
 The sandbox's supervisor thread (tapbox.isolate.supervisor) names every system call the policy
@@ -86,13 +90,58 @@ def raise_fd_limit() -> None:
             pass
 
 
-def _import_engine() -> None:
-    """The engine's imports (trio, the stack, and what the audit layer imports lazily): done
-    while the sandbox child sets itself up, so the two costs overlap instead of adding up, and
-    before the run, when an import may find no file descriptor left to read its module with.
-    The DNS forwarder (dnspython) is imported once the command runs (`_Forwarder`)."""
-    import tapbox.eventlog  # noqa: F401
-    import tapbox.net.engine  # noqa: F401
+class EngineImport:
+    """The engine's imports (trio, the stack, and what the audit layer imports lazily) and the
+    host's own addresses (for the guard), in a thread started as the sandbox child sets itself
+    up: the sandbox's set-up, the command's start and these imports overlap instead of adding
+    up. `result()` waits for it and raises what it raised. The DNS forwarder (dnspython) is
+    imported later still, once the command runs (`_Forwarder`)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.host: list[str] = []
+        self._error: BaseException | None = None
+        # Readable once the work is done (os.pipe: its write end is closed then).
+        self.done_fd, self._done_w = os.pipe2(os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._work, name="tapbox-engine-import",
+                                        daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            import tapbox.eventlog  # noqa: F401
+            import tapbox.net.engine  # noqa: F401
+            from tapbox.hostaddrs import host_addresses
+
+            self.host.extend(host_addresses())
+        except BaseException as exc:  # noqa: BLE001 - handed to result()'s caller
+            self._error = exc
+        finally:
+            os.close(self._done_w)
+
+    def result(self) -> list[str]:
+        """The host's addresses, once the engine's modules are imported; raises EngineStartError
+        naming what failed."""
+        self._thread.join()
+        self.close()
+        if self._error is not None:
+            text = " ".join(str(self._error).split())
+            raise EngineStartError(f"{type(self._error).__name__}: {text}" if text
+                                   else type(self._error).__name__) from self._error
+        return self.host
+
+
+    def close(self) -> None:
+        """Close done_fd (the imports may go on: their thread ends with the process)."""
+        if self.done_fd >= 0:
+            os.close(self.done_fd)
+            self.done_fd = -1
+
+
+class EngineStartError(Exception):
+    """The engine could not be imported or started (a broken installation, no file descriptor
+    left...): the command is stopped and tapbox exits 125."""
 
 
 class _Forwarder:
@@ -388,7 +437,7 @@ class Prepared:
     ipv6: bool
     rlimits: tuple[tuple[int, int], ...] = ()
     policy: Policy | None = None
-    host: list[str] = field(default_factory=list)  # the host's own addresses (meanwhile())
+    engine_import: EngineImport | None = None  # started by meanwhile()
     # Refused system calls, from the sandbox's supervisor to the audit layer (Sandbox.spawn's
     # on_violation).
     violations: ViolationSink = field(default_factory=ViolationSink)
@@ -414,15 +463,22 @@ class Prepared:
                              layer=self.layer, **process)
 
     def meanwhile(self) -> None:
-        """What the parent does while the sandbox sets itself up (Sandbox.spawn)."""
-        if self.network:
-            from tapbox.hostaddrs import host_addresses
+        """What the parent starts while the sandbox sets itself up (Sandbox.spawn): the
+        engine's imports, in a thread that goes on while the command starts."""
+        if self.network and self.engine_import is None:
+            self.engine_import = EngineImport()
 
-            _import_engine()
-            self.host.extend(host_addresses())
+    def engine_host_addresses(self) -> list[str]:
+        """Wait for the engine's imports (started by meanwhile(), or now); the host's own
+        addresses. Raises EngineStartError."""
+        if self.engine_import is None:
+            self.engine_import = EngineImport()
+        return self.engine_import.result()
 
     def close(self) -> None:
         self.recording.close()
+        if self.engine_import is not None:
+            self.engine_import.close()
 
 
 def prepare(command: Sequence[str], options: RunOptions) -> Prepared:
@@ -479,11 +535,10 @@ def serve(prepared: Prepared, sandbox: Sandbox) -> int:
                 audit.print_summary()
             _explain_status(lambda: violations.audit(make_audit), sandbox, status, options)
         else:
-            import trio
-
-            status = trio.run(_serve, sandbox, prepared.rules, prepared.upstreams,
-                              prepared.command, options, prepared.ipv6, prepared.recording,
-                              prepared.host, violations, prepared.layer)
+            # The command starts now; its frames wait in tap0's queue until the engine reads
+            # them (the module's docstring).
+            sandbox.start()
+            status = _serve_network(prepared, sandbox)
         _say_discarded(sandbox)
         return status
     finally:
@@ -491,6 +546,56 @@ def serve(prepared: Prepared, sandbox: Sandbox) -> int:
             sandbox.kill()
             sandbox.wait_status()
         sandbox.close()
+
+
+def _serve_network(prepared: Prepared, sandbox: Sandbox) -> int:
+    """The started sandbox's network, until it exits; its exit status. The engine runs once
+    its imports are done, and serves whatever the command sent meanwhile; a command that ends
+    before that without sending a single frame has nothing for it to decide, and its run ends
+    at once (the records say the same as if the engine had run: no flows)."""
+    if prepared.engine_import is None:
+        prepared.meanwhile()
+    engine_import = prepared.engine_import
+    assert engine_import is not None
+    if _ended_before(engine_import, sandbox, prepared.options.limits.timeout):
+        audit = _start_audit(prepared, sandbox)
+        prepared.violations.attach(audit)
+        status = sandbox.wait_status()
+        _end_records(audit, prepared, sandbox, status, {})
+        return _learn(audit, prepared.recording, status)
+    try:
+        host = engine_import.result()
+    except EngineStartError as exc:
+        from tapbox.textescape import escape
+
+        sandbox.kill()
+        prepared.recording.failure = str(exc)
+        print(f"tapbox: the network engine could not start ({escape(str(exc))}); "
+              "the command was stopped", file=sys.stderr)
+        return EXIT_TAPBOX_FAILED
+    import trio
+
+    return trio.run(_serve, prepared, sandbox, host)
+
+
+def _ended_before(engine_import: EngineImport, sandbox: Sandbox, timeout: float | None) -> bool:
+    """Wait for the engine's imports or the sandbox's end, whichever comes first: True if the
+    sandbox ended first and left no frame in tap0's queue (so there is nothing to serve)."""
+    import select
+
+    exit_fd, tap_fd = sandbox.exit_fd, sandbox.tap_fd
+    if exit_fd is None or tap_fd is None:  # kernel < 5.3: no pidfd to wait on
+        return False
+    waiting = select.poll()
+    waiting.register(engine_import.done_fd, select.POLLIN)
+    waiting.register(exit_fd, select.POLLIN)
+    left = sandbox.time_left(timeout)
+    ready = {fd for fd, _ in waiting.poll(None if left == float("inf") else left * 1000)}
+    if exit_fd not in ready or engine_import.done_fd in ready:
+        return False
+    queued = select.poll()
+    queued.register(tap_fd, select.POLLIN)
+    return not queued.poll(0)
 
 
 def _wait(sandbox: Sandbox, timeout: float | None) -> int | None:
@@ -563,39 +668,45 @@ def _say_discarded(sandbox: Sandbox) -> None:
         print(f"tapbox: {line}", file=sys.stderr)
 
 
-async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str, int]],
-                 command: Sequence[str], options: RunOptions, ipv6: bool,
-                 recording: Recording, host: list[str], violations: ViolationSink,
-                 layer: LayerDir | None = None) -> int:
-    import trio
-
+def _start_audit(prepared: Prepared, sandbox: Sandbox) -> Audit:
+    """The run's audit layer (stderr, summary, log, learning), with its start recorded."""
     from tapbox.audit import Audit
-    from tapbox.guard import Guard
-    from tapbox.net.engine import Engine, EngineConfig, EngineError, sandbox_interface
-    from tapbox.net.faults import ENV_VAR, FaultSpec
-    from tapbox.policy import Policy
     from tapbox.summary import Summary
 
-    assert sandbox.tap_fd is not None
+    options, recording = prepared.options, prepared.recording
     record = options.record
-    audit_mode = record.audit_mode
     audit = Audit(verbose=record.verbose, quiet=record.report == "quiet",
-                  audit_mode=audit_mode, log=recording.log, summary=Summary(),
+                  audit_mode=record.audit_mode, log=recording.log, summary=Summary(),
                   learner=recording.learner,
                   summary_mode="always" if record.report == "summary" else "auto")
     if recording.pcap is not None:
         recording.pcap.on_stop = audit.say
     audit.run_started(
-        mode="learn" if recording.learner else "audit" if audit_mode else "enforce",
-        command=list(command), cwd=os.getcwd(), tapbox_pid=os.getpid(),
-        sandbox_pid=sandbox.pid, allowlist=recording.sources, rules=len(rules),
-        dns_upstreams=[f"{host}:{port}" for host, port in upstreams],
+        mode="learn" if recording.learner else "audit" if record.audit_mode else "enforce",
+        command=list(prepared.command), cwd=os.getcwd(), tapbox_pid=os.getpid(),
+        sandbox_pid=sandbox.pid, allowlist=recording.sources, rules=len(prepared.rules),
+        dns_upstreams=[f"{host}:{port}" for host, port in prepared.upstreams],
         pcap=record.pcap, syscalls=options.process.syscalls,
         syscall_allow=list(options.process.syscall_allow), nest=options.process.nest,
         limits=limits_description(options))
+    return audit
+
+
+async def _serve(prepared: Prepared, sandbox: Sandbox, host: list[str]) -> int:
+    import trio
+
+    from tapbox.guard import Guard
+    from tapbox.net.engine import Engine, EngineConfig, EngineError, sandbox_interface
+    from tapbox.net.faults import ENV_VAR, FaultSpec
+    from tapbox.policy import Policy
+
+    assert sandbox.tap_fd is not None
+    options, recording, violations = prepared.options, prepared.recording, prepared.violations
+    rules, upstreams, ipv6 = prepared.rules, prepared.upstreams, prepared.ipv6
+    audit = _start_audit(prepared, sandbox)
     violations.attach(audit, trio.lowlevel.current_trio_token())
     guard = Guard(host)
-    if audit_mode:
+    if options.record.audit_mode:
         from tapbox.auditpolicy import AuditPolicy
 
         policy: Policy = AuditPolicy(Allowlist(rules), guard=guard)
@@ -628,10 +739,9 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
             if attributor is not None:
                 await nursery.start(attributor.run)
             await nursery.start(engine.run)
-            sandbox.start()
             nursery.start_soon(dns.warm, DNS_WARM_DELAY)
             timeout = options.limits.timeout
-            with trio.move_on_after(timeout if timeout is not None else float("inf")) as limit:
+            with trio.move_on_after(sandbox.time_left(timeout)) as limit:
                 status = await sandbox.wait()
             if limit.cancelled_caught:
                 sandbox.kill()
@@ -653,24 +763,34 @@ async def _serve(sandbox: Sandbox, rules: list[Rule], upstreams: list[tuple[str,
             recording.learner = None
         status = EXIT_TAPBOX_FAILED
     finally:
-        violations.attach(audit)  # the loop ends: report from the supervisor's thread
-        if violations.unreported:
-            audit.syscalls_refused += violations.unreported
-            audit.say(f"{violations.unreported} refused system calls came too fast to be "
-                      "reported one by one (counted in the exit event)")
-        _release_tap(sandbox.tap_fd)
-        _explain_status(lambda: audit, sandbox, status, options)
-        drops = engine.drop_counts()
-        if record.verbose and drops:
-            from tapbox.dropreasons import summarize
-
-            audit.say(summarize(drops))
-        if layer is not None and recording.log is not None:
-            from tapbox.review import log_changes
-
-            log_changes(layer, recording.log)
-        _finish(audit, recording, status, drops)
+        _end_records(audit, prepared, sandbox, status, engine.drop_counts())
     return _learn(audit, recording, status)
+
+
+def _end_records(audit: Audit, prepared: Prepared, sandbox: Sandbox, status: int,
+                 drops: dict[str, int]) -> None:
+    """The end of a run with network, whatever way it ended: refused calls reported from the
+    supervisor's thread again, the TAP released, the exit event, the capture flushed, the
+    summary."""
+    recording, violations = prepared.recording, prepared.violations
+    violations.attach(audit)  # the loop ends: report from the supervisor's thread
+    if violations.unreported:
+        audit.syscalls_refused += violations.unreported
+        audit.say(f"{violations.unreported} refused system calls came too fast to be "
+                  "reported one by one (counted in the exit event)")
+    if sandbox.tap_fd is not None:
+        _release_tap(sandbox.tap_fd)
+        sandbox.tap_fd = None
+    _explain_status(lambda: audit, sandbox, status, prepared.options)
+    if prepared.options.record.verbose and drops:
+        from tapbox.dropreasons import summarize
+
+        audit.say(summarize(drops))
+    if prepared.layer is not None and recording.log is not None:
+        from tapbox.review import log_changes
+
+        log_changes(prepared.layer, recording.log)
+    _finish(audit, recording, status, drops)
 
 
 def _release_tap(fd: int) -> None:

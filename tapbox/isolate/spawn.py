@@ -20,8 +20,9 @@ Suggested use (cli)::
     fwd = SignalForwarder()              # main thread, before any thread and before spawn()
     sb = Sandbox.spawn(config)           # raises SetupError -> exit 125
     fwd.start(sb.pid)
-    ... trio.run(engine, sb)             # engine reads sb.tap_fd, calls sb.start() once ready,
-                                         # and `await sb.wait()` for the exit code
+    sb.start()                           # the command runs; its frames queue in tap0
+    ... trio.run(engine, sb)             # engine reads sb.tap_fd and `await sb.wait()` for
+                                         # the exit code
     fwd.stop()
 """
 
@@ -91,6 +92,7 @@ class Sandbox:
         self._trio_waiting = False
         self._command_policy: Policy | None = None  # an allow list whose violations are named
         self._late: socket.socket | None = None  # the socket, kept for its listener
+        self.started_at: float | None = None  # time.monotonic() when start() let it exec
         self._private: list[str] = []  # files bound in (resolv.conf...), removed by close()
         self.supervisor: Supervisor | None = None
 
@@ -299,6 +301,7 @@ class Sandbox:
         sock, self._sock = self._sock, None
         if sock is None:
             return
+        self.started_at = time.monotonic()
         with contextlib.suppress(OSError):  # child already gone: wait_status() tells how
             sock.send(MSG_GO, socket.MSG_NOSIGNAL)
         if self._command_policy is None:
@@ -307,6 +310,14 @@ class Sandbox:
         self._late = sock
         threading.Thread(target=self._take_command_listener, name="tapbox-listener",
                          daemon=True).start()
+
+    def time_left(self, timeout: float | None) -> float:
+        """Seconds left of `timeout` counted from start() (inf for None; 0 if it is over)."""
+        if timeout is None:
+            return float("inf")
+        if self.started_at is None:
+            return timeout
+        return max(0.0, timeout - (time.monotonic() - self.started_at))
 
     def _take_command_listener(self) -> None:
         fd, why = self._command_listener()
@@ -405,6 +416,12 @@ class Sandbox:
         status = self.wait_status()
         self._close_pidfd()
         return status
+
+    @property
+    def exit_fd(self) -> int | None:
+        """A descriptor that turns readable when the sandbox has exited (its pidfd), or None
+        (kernel < 5.3, or already reaped)."""
+        return self._pidfd
 
     @property
     def returncode(self) -> int | None:

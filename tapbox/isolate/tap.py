@@ -88,6 +88,8 @@ def configure_links(host: Host, network: bool, mtu: int, ipv6: bool) -> None:
                 return
             step = f"configuring {TAP_NAME}"
             index = socket.if_nametoindex(TAP_NAME)
+            if not ipv6:
+                _disable_ipv6(TAP_NAME)
             route.set_link(index, mtu=mtu)
             route.add_address(index, TAP_ADDRESS, TAP_PREFIXLEN)
             route.set_link(index, up=True)
@@ -107,3 +109,15 @@ def configure_links(host: Host, network: bool, mtu: int, ipv6: bool) -> None:
                 "(68..65521 for a TAP)?"
             ) from None
         raise SetupError(f"tapbox: {step} failed: {e.strerror or e}") from None
+
+
+def _disable_ipv6(link: str) -> None:
+    """No IPv6 on `link` when the sandbox has none: no link-local address, and none of the
+    multicast listener reports (RFC 3810 §6) and router solicitations (RFC 4861 §6.3.7) the
+    kernel would otherwise send to the engine as the link comes up. A kernel without IPv6 has
+    nothing to disable."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{link}/disable_ipv6", "w") as knob:
+            knob.write("1")
+    except FileNotFoundError:
+        pass
