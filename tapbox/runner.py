@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from tapbox.net.dns import DnsForwarder, Pending
     from tapbox.pcap import PcapWriter
 
+IMPORT_SWITCH_INTERVAL = 0.0005  # seconds (sys.setswitchinterval) while the engine imports
 DNS_WARM_DELAY = 0.1  # seconds of the command's run before dnspython's import starts
 DRAIN_TIMEOUT = 10.0  # seconds open connections may take to finish after the command exits
 
@@ -106,6 +107,11 @@ class EngineImport:
         self.done_fd, self._done_w = os.pipe2(os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._work, name="tapbox-engine-import",
                                         daemon=True)
+        # While the imports run, the main thread has a few short steps to take (pid 1's
+        # messages, start(), the wait): each would otherwise wait up to the interpreter's
+        # 5 ms switch interval for the lock the importing thread holds.
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(IMPORT_SWITCH_INTERVAL)
         self._thread.start()
 
     def _work(self) -> None:
@@ -118,6 +124,7 @@ class EngineImport:
         except BaseException as exc:  # noqa: BLE001 - handed to result()'s caller
             self._error = exc
         finally:
+            sys.setswitchinterval(self._switch_interval)
             os.close(self._done_w)
 
     def result(self) -> list[str]:
