@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -91,6 +92,33 @@ def raise_fd_limit() -> None:
             pass
 
 
+class QuickSwitching:
+    """The interpreter's thread switch interval, lowered while an engine import runs: the main
+    thread has a few short steps to take meanwhile (pid 1's messages, start(), the wait), and
+    each would otherwise wait up to the default 5 ms for the lock the importing thread holds.
+    Runs of the API may overlap in one process: the first one in saves the interval, the last
+    one out restores it."""
+
+    _lock = threading.Lock()
+    _users = 0
+    _saved = 0.0
+
+    @classmethod
+    def enter(cls) -> None:
+        with cls._lock:
+            if cls._users == 0:
+                cls._saved = sys.getswitchinterval()
+                sys.setswitchinterval(IMPORT_SWITCH_INTERVAL)
+            cls._users += 1
+
+    @classmethod
+    def leave(cls) -> None:
+        with cls._lock:
+            cls._users -= 1
+            if cls._users == 0:
+                sys.setswitchinterval(cls._saved)
+
+
 class EngineImport:
     """The engine's imports (trio, the stack, and what the audit layer imports lazily) and the
     host's own addresses (for the guard), in a thread started as the sandbox child sets itself
@@ -99,20 +127,18 @@ class EngineImport:
     imported later still, once the command runs (`_Forwarder`)."""
 
     def __init__(self) -> None:
-        import threading
-
         self.host: list[str] = []
         self._error: BaseException | None = None
         # Readable once the work is done (os.pipe: its write end is closed then).
         self.done_fd, self._done_w = os.pipe2(os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._work, name="tapbox-engine-import",
                                         daemon=True)
-        # While the imports run, the main thread has a few short steps to take (pid 1's
-        # messages, start(), the wait): each would otherwise wait up to the interpreter's
-        # 5 ms switch interval for the lock the importing thread holds.
-        self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(IMPORT_SWITCH_INTERVAL)
-        self._thread.start()
+        QuickSwitching.enter()
+        try:
+            self._thread.start()
+        except BaseException:
+            QuickSwitching.leave()
+            raise
 
     def _work(self) -> None:
         try:
@@ -124,7 +150,7 @@ class EngineImport:
         except BaseException as exc:  # noqa: BLE001 - handed to result()'s caller
             self._error = exc
         finally:
-            sys.setswitchinterval(self._switch_interval)
+            QuickSwitching.leave()
             os.close(self._done_w)
 
     def result(self) -> list[str]:
@@ -164,8 +190,6 @@ class _Forwarder:
         """Start the import after `delay` seconds of the command's run: a short command never
         pays for it, and the import does not compete for the interpreter with the command's
         first steps and tapbox's exit (measured: 18 ms of CPU off `tapbox -- true`)."""
-        import threading
-
         import trio
 
         await trio.sleep(delay)
@@ -209,8 +233,6 @@ class ViolationSink:
     MAX_PENDING = 1000
 
     def __init__(self) -> None:
-        import threading
-
         self._lock = threading.Lock()
         self._audit: Audit | None = None
         self._make: Callable[[], Audit] | None = None  # makes the audit layer when first needed

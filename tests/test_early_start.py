@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import REPO_ROOT, RunTapbox, tapbox_env
 from fakenet import FakeNet
 
@@ -107,3 +108,23 @@ def test_timeout_counts_from_the_commands_start() -> None:
         sandbox.started_at = time.monotonic() - 3.0
         assert sandbox.time_left(2.0) == 0.0
         sandbox._sock = None  # nothing to close: the pair is closed by the with
+
+
+def test_overlapping_engine_imports_restore_the_switch_interval() -> None:
+    # Two runs of the API in one process, the first to start ending first: the interval is low
+    # while either imports, and the caller's own value is back once both are done.
+    from tapbox.runner import IMPORT_SWITCH_INTERVAL, QuickSwitching
+
+    own = 0.004
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(own)
+    try:
+        QuickSwitching.enter()
+        assert sys.getswitchinterval() == pytest.approx(IMPORT_SWITCH_INTERVAL)
+        QuickSwitching.enter()
+        QuickSwitching.leave()
+        assert sys.getswitchinterval() == pytest.approx(IMPORT_SWITCH_INTERVAL)
+        QuickSwitching.leave()
+        assert sys.getswitchinterval() == pytest.approx(own)
+    finally:
+        sys.setswitchinterval(before)
