@@ -497,13 +497,6 @@ class Prepared:
         if self.network and self.engine_import is None:
             self.engine_import = EngineImport()
 
-    def engine_host_addresses(self) -> list[str]:
-        """Wait for the engine's imports (started by meanwhile(), or now); the host's own
-        addresses. Raises EngineStartError."""
-        if self.engine_import is None:
-            self.engine_import = EngineImport()
-        return self.engine_import.result()
-
     def close(self) -> None:
         self.recording.close()
         if self.engine_import is not None:
