@@ -164,7 +164,6 @@ class EngineImport:
                                    else type(self._error).__name__) from self._error
         return self.host
 
-
     def close(self) -> None:
         """Close done_fd (the imports may go on: their thread ends with the process)."""
         if self.done_fd >= 0:
@@ -581,7 +580,6 @@ def _serve_network(prepared: Prepared, sandbox: Sandbox) -> int:
     assert engine_import is not None
     if _ended_before(engine_import, sandbox, prepared.options.limits.timeout):
         audit = _start_audit(prepared, sandbox)
-        prepared.violations.attach(audit)
         status = sandbox.wait_status()
         _end_records(audit, prepared, sandbox, status, {})
         return _learn(audit, prepared.recording, status)
