@@ -53,9 +53,14 @@ def on_pty(argv: list[str], env: dict[str, str], cwd: Path, answers: list[tuple[
                 return os.waitstatus_to_exitcode(status), out
         raise AssertionError(f"timed out on the pty; output: {out!r}")
     finally:
-        try:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        os.close(fd)
+        kill_and_close(pid, fd)
+
+
+def kill_and_close(pid: int, fd: int) -> None:
+    """The end of a pty child, whatever state it is in: killed, reaped, its pty closed."""
+    try:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+    os.close(fd)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_layering import imported_names
 
 from tapbox.errors import SetupError
 from tapbox.isolate import SandboxConfig, discarded, rootfs
@@ -503,12 +504,7 @@ def test_isolate_imports_neither_trio_nor_the_network_half() -> None:
     for path in sorted(ISOLATE.glob("*.py")):
         tree = ast.parse(path.read_text())
         for node in tree.body:  # module level only: a function may import trio lazily
-            names: list[str] = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            for name in names:
+            for name in imported_names(node):
                 assert not any(name == f or name.startswith(f + ".") for f in forbidden), (
                     f"{path.name} imports {name} at module level"
                 )

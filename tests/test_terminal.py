@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import REPO_ROOT, TESTS_DIR, tapbox_env
-from ptyrun import on_pty
+from ptyrun import kill_and_close, on_pty
 
 INJECTOR = TESTS_DIR / "sandbox_tools" / "tty_inject.py"
 PAYLOAD = "echo INJECTED"
@@ -131,12 +131,7 @@ def test_job_control_ctrl_c_and_window_size_still_work_under_the_filter() -> Non
             assert time.monotonic() < deadline, "tapbox did not exit"
         assert b"no job control" not in out
     finally:
-        try:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        os.close(fd)
+        kill_and_close(pid, fd)
 
 
 def test_missing_libseccomp_stops_tapbox_before_the_command(tmp_path: Path) -> None:
